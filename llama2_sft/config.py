@@ -1,0 +1,171 @@
+"""Config schemas. Registered in Hydra's ConfigStore and named in conf/train.yaml's defaults, so a misspelled or
+mistyped key fails at compose time naming it. `strategy` and `optimizer` are `_target_` blocks (any signature): they
+are checked by binding their keys to the target's signature (`validate`), at start and in a unit test."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+@dataclass
+class DatasetConfig:
+    source: Any = "data/train.jsonl"  # hub id, file, glob, directory, saved dataset dir, or a list of these
+    eval_source: Any = None  # held-out rows from a separate source; else eval_fraction of `source`
+    eval_fraction: float = 0.0
+    split: str = "train"
+    revision: Optional[str] = None  # hub revision (pin it for a reproducible cache key)
+    default_system: Optional[str] = "meta"  # for rows with an empty instruction: 'meta' (Meta's default), 'none', or text
+    max_length: int = 4096
+    truncation: str = "turns"  # 'turns' (drop trailing turns, else cut the first reply) or 'drop'
+    max_skipped_fraction: float = 0.01  # stop if more rows than this could not be trained
+    packing: bool = False
+    group_by_length: bool = False
+    pad_to_multiple_of: int = 1
+    num_proc: Optional[int] = None  # tokenization processes; null = all cores
+    cache_dir: str = ".cache/tokenized"
+    seed: int = 1234  # eval split and packing order
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: Optional[str] = None  # a Llama checkpoint (path or hub id); null = random init from `arch`
+    tokenizer: Optional[str] = None  # tokenizer dir / hub id; null = name_or_path
+    revision: Optional[str] = None
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    gradient_checkpointing: bool = False
+    arch: Optional[dict] = None  # LlamaConfig fields for a random init (tiny presets); vocab from the tokenizer
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = -1  # -1 = epochs x steps per epoch
+    epochs: float = 1.0
+    micro_batch_size: int = 4  # per device (samples when padding, packed rows when packing)
+    grad_accum_steps: int = 1
+    max_grad_norm: float = 1.0
+    save_steps: int = 0  # 0 = only at the end
+    save_total_limit: int = 5
+    eval_steps: int = 0  # 0 = only at start and end
+    eval_batch_size: int = 8
+    eval_max_samples: int = 0  # 0 = the whole eval split
+    log_steps: int = 1
+    generate_samples: int = 4  # greedy answers logged at each eval (W&B table) and for the final accuracy
+    accuracy_samples: int = 64  # held-out prompts scored by exact match at the end; 0 = skip
+    max_new_tokens: int = 32
+    on_nan: str = "stop"  # stop | skip
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine"  # cosine | linear | constant
+    warmup_ratio: float = 0.03
+    warmup_steps: int = 0  # used instead of warmup_ratio when > 0
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "llama2_sft"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: list = field(default_factory=list)
+    mode: str = "auto"  # auto (online when logged in, else offline) | online | offline | disabled
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/default"
+    seed: int = 42
+    precision: str = "fp32"  # fp32 | bf16
+    tf32: bool = True
+    resume: Any = "auto"  # auto | false | path to a checkpoint
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    strategy: Any = None  # {_target_: llama2_sft.strategy...., ...}
+    optimizer: Any = None  # {_target_: llama2_sft.optim.build_adamw, ...}
+    experiment_name: str = "default"
+
+
+def register_configs() -> None:
+    """Put the schemas into Hydra's ConfigStore (idempotent)."""
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    store.store(group="dataset", name="dataset_schema", node=DatasetConfig)
+    store.store(group="model", name="model_schema", node=ModelConfig)
+
+
+CHOICES = {
+    "precision": ("fp32", "bf16"),
+    "dataset.truncation": ("turns", "drop"),
+    "scheduler.name": ("cosine", "linear", "constant"),
+    "trainer.on_nan": ("stop", "skip"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "logger.wandb.mode": ("auto", "online", "offline", "disabled"),
+}
+
+
+def _import(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"_target_ {path!r} cannot be imported: {error}") from error
+
+
+def bind_target(node: DictConfig | dict, key: str, skip: tuple[str, ...] = ()) -> None:
+    """Check that a `_target_` block's keys fit the target's signature, naming the bad key."""
+    block = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    if "_target_" not in block:
+        raise ValueError(f"{key}: missing _target_")
+    target = _import(block["_target_"])
+    kwargs = {k: v for k, v in block.items() if not k.startswith("_")}
+    signature = inspect.signature(target)
+    for name in kwargs:
+        if name not in signature.parameters and not any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()):
+            raise ValueError(f"{key}.{name}: not a parameter of {block['_target_']} (accepts {list(signature.parameters)})")
+    try:
+        signature.bind_partial(**kwargs)
+    except TypeError as error:
+        raise ValueError(f"{key}: {error}") from error
+    missing = [
+        p.name for p in signature.parameters.values()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in kwargs and p.name not in skip
+    ]
+    if missing:
+        raise ValueError(f"{key}: missing required keys {missing} for {block['_target_']}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Fail before any heavy work, naming the key: enumerations, positive sizes, `_target_` signatures."""
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r}: expected one of {allowed}")
+    for key in ("trainer.micro_batch_size", "trainer.grad_accum_steps", "dataset.max_length", "trainer.eval_batch_size"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ValueError(f"{key}={OmegaConf.select(cfg, key)} must be >= 1")
+    if cfg.trainer.max_steps < 1 and cfg.trainer.epochs <= 0:
+        raise ValueError("trainer.max_steps or trainer.epochs must be positive")
+    if not 0 <= cfg.dataset.eval_fraction < 1:
+        raise ValueError(f"dataset.eval_fraction={cfg.dataset.eval_fraction} must be in [0, 1)")
+    if cfg.model.name_or_path is None and not cfg.model.arch:
+        raise ValueError("model.name_or_path is null and model.arch is empty: nothing to build a model from")
+    if cfg.model.name_or_path is None and cfg.model.tokenizer is None:
+        raise ValueError("model.tokenizer must be set for a random-init model (model.name_or_path is null)")
+    bind_target(cfg.strategy, "strategy")
+    bind_target(cfg.optimizer, "optimizer", skip=("params",))

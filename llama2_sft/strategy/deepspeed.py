@@ -1,0 +1,144 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 (optionally offloaded). The DeepSpeed JSON is generated from the Hydra config, so there
+is no hand-kept JSON to drift; the torch optimizer built by `optimizer._target_` is handed to the engine."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import torch
+
+from llama2_sft.distributed import DistContext
+from llama2_sft.model import enable_gradient_checkpointing
+from llama2_sft.strategy.base import ModelFactory, Strategy
+
+
+def deepspeed_config(*, stage: int, precision: str, micro_batch_size: int, grad_accum_steps: int, world_size: int,
+                     max_grad_norm: float, offload_optimizer: bool, offload_param: bool, overlap_comm: bool,
+                     contiguous_gradients: bool) -> dict:
+    """The DeepSpeed JSON for this run."""
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "overlap_comm": overlap_comm,
+        "contiguous_gradients": contiguous_gradients,
+        "reduce_bucket_size": 5e8,
+    }
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if stage == 3:
+        zero.update({
+            "stage3_prefetch_bucket_size": 5e8,
+            "stage3_param_persistence_threshold": 1e6,
+            "stage3_gather_16bit_weights_on_model_save": False,  # we save sharded; export consolidates
+        })
+        if offload_param:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
+        "gradient_clipping": max_grad_norm if max_grad_norm > 0 else 0.0,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10 ** 12,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedStrategy(Strategy):
+    """ZeRO via the DeepSpeed engine under torchrun (works on CPU with gloo; `accelerate launch` does not)."""
+
+    name = "deepspeed"
+
+    def __init__(self, stage: int = 3, offload_optimizer: bool = False, offload_param: bool = False,
+                 overlap_comm: bool = True, contiguous_gradients: bool = True) -> None:
+        super().__init__()
+        if stage not in (2, 3):
+            raise ValueError(f"strategy.stage={stage}: expected 2 or 3")
+        if offload_param and stage != 3:
+            raise ValueError("strategy.offload_param=true needs strategy.stage=3")
+        self.stage = stage
+        self.offload_optimizer = offload_optimizer
+        self.offload_param = offload_param
+        self.overlap_comm = overlap_comm
+        self.contiguous_gradients = contiguous_gradients
+        self._last_norm = 0.0
+
+    def setup(self, ctx: DistContext, factory: ModelFactory) -> None:
+        try:
+            import deepspeed
+        except ImportError as error:
+            raise ValueError("strategy=deepspeed_* needs DeepSpeed: pip install 'llama2_sft[deepspeed]'") from error
+        cfg = factory.config
+        self.ctx = ctx
+        self.ds_config = deepspeed_config(
+            stage=self.stage, precision=factory.precision, micro_batch_size=cfg.trainer.micro_batch_size,
+            grad_accum_steps=cfg.trainer.grad_accum_steps, world_size=ctx.world_size,
+            max_grad_norm=cfg.trainer.max_grad_norm, offload_optimizer=self.offload_optimizer,
+            offload_param=self.offload_param, overlap_comm=self.overlap_comm and ctx.device.type == "cuda",
+            contiguous_gradients=self.contiguous_gradients,
+        )
+        if ctx.device.type == "cpu":  # DeepSpeed picks its accelerator itself; make the CPU choice explicit
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        hf_ds_config = None
+        if self.stage == 3:
+            # While this object lives, transformers builds the model partitioned (zero.Init) and loads the
+            # checkpoint shard by shard: no rank ever holds a full copy.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # noqa: F841 - must stay alive through build
+        model = factory.build_full(ctx.device)
+        if factory.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        optimizer = factory.build_optimizer(model.named_parameters())
+        engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
+                                                          dist_init_required=False)
+        self._hf_ds_config = hf_ds_config
+        self.engine = engine
+        self.model = engine
+        self.optimizer = ds_optimizer
+
+    def backward(self, loss: torch.Tensor, is_last: bool) -> None:
+        # The loop already normalised the loss over the whole global batch; stop DeepSpeed dividing it again.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not is_last:
+            self.engine.step()  # DeepSpeed counts micro-steps in step(); off the boundary it only accumulates
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        return float("nan")  # DeepSpeed clips inside step(); the norm is read after it (see optimizer_step)
+
+    def optimizer_step(self) -> None:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        self._last_norm = float(norm) if norm is not None else float("nan")
+
+    @property
+    def last_grad_norm(self) -> float:
+        return self._last_norm
+
+    def zero_grad(self) -> None:
+        pass  # engine.step() zeroes gradients at the accumulation boundary
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def save(self, directory: str) -> None:
+        self.engine.save_checkpoint(directory, tag="deepspeed", save_latest=False)
+
+    def load(self, directory: str) -> None:
+        path, _ = self.engine.load_checkpoint(directory, tag="deepspeed", load_lr_scheduler_states=False)
+        if path is None:
+            raise ValueError(f"{directory}: no DeepSpeed checkpoint (tag 'deepspeed') to resume from")
+
+    def unwrapped_model(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @contextlib.contextmanager
+    def eval_mode(self):
+        with super().eval_mode():
+            yield
