@@ -68,7 +68,6 @@ import json
 import os
 import random
 import string
-from dataclasses import dataclass, field
 from typing import Callable
 
 DEFAULT_SEED = 1234
@@ -111,14 +110,14 @@ EN_YESNO_SYSTEM = "Reply YES or NO in capitals."
 ZH_YESNO_SYSTEM = "用“对”或“错”回答。"
 
 
-@dataclass
 class Ctx:
     """Per-row state: language, yes/no answer style and the item the conversation is about."""
 
-    lang: str  # "en" or "zh"
-    caps_yes_no: bool = False  # system prompt asks for YES/NO (en) or 对/错 (zh)
-    task: str = ""
-    state: dict = field(default_factory=dict)
+    def __init__(self, lang: str, caps_yes_no: bool = False) -> None:
+        self.lang = lang  # "en" or "zh"
+        self.caps_yes_no = caps_yes_no  # system prompt asks for YES/NO (en) or 对/错 (zh)
+        self.task = ""
+        self.state: dict = {}
 
     def yes_no(self, value: bool) -> str:
         if self.lang == "en":

@@ -190,6 +190,10 @@ def _build(dataset_cfg: Any, tokenizer: Any, final_dir: str, inputs: dict) -> No
     started = time.time()
     rows = load_rows(dataset_cfg.source, dataset_cfg.split, dataset_cfg.revision)
     train, train_summary = _tokenize_split(rows, tokenizer, dataset_cfg, work_dir, num_proc, "train")
+    if len(train) == 0:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise ValueError(f"{dataset_cfg.source}: none of {len(rows):,} rows can be trained "
+                         f"(skipped: {train_summary['skipped']}, e.g. ids {train_summary['example_ids']})")
     splits = {"train": train_summary}
     eval_set = None
     if dataset_cfg.eval_source:
@@ -201,7 +205,7 @@ def _build(dataset_cfg: Any, tokenizer: Any, final_dir: str, inputs: dict) -> No
     publish_dir = f"{work_dir}-publish"
     os.makedirs(publish_dir)
     train.save_to_disk(os.path.join(publish_dir, "train"))
-    if eval_set is not None:
+    if eval_set is not None and len(eval_set):
         eval_set.save_to_disk(os.path.join(publish_dir, "eval"))
     summary = {
         "fingerprint_inputs": inputs,

@@ -1,0 +1,91 @@
+"""Config tree: every experiment composes, every _target_ binds, mistakes fail naming the key."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+from omegaconf import OmegaConf
+
+from llama2_sft.config import bind_target, validate
+from tests.conftest import CONF_DIR, compose
+
+EXPERIMENTS = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(CONF_DIR, "experiment", "*.yaml")))
+STRATEGIES = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(CONF_DIR, "strategy", "*.yaml")))
+
+
+def test_default_config_composes_and_validates():
+    cfg = compose()
+    validate(cfg)
+    assert cfg.model.tokenizer == "data/tokenizer" and cfg.dataset.source == "data/train.jsonl"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_binds_its_targets(experiment):
+    cfg = compose([f"+experiment={experiment}"])
+    validate(cfg)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_binds_to_its_class(strategy):
+    cfg = compose([f"strategy={strategy}"])
+    bind_target(cfg.strategy, "strategy")
+
+
+def test_sft_7b_states_the_reference_recipe():
+    cfg = compose(["+experiment=sft_7b"])
+    assert cfg.precision == "bf16" and cfg.tf32 is True
+    assert cfg.strategy._target_.endswith("FSDPStrategy") and cfg.strategy.reshard_after_forward is True
+    assert cfg.model.gradient_checkpointing is True
+    assert "Llama-2-7b" in cfg.model.name_or_path
+    assert cfg.dataset.source == "LinkSoul/instruction_merge_set" and cfg.dataset.max_length == 4096
+    assert cfg.optimizer.lr == 2e-5 and cfg.optimizer.weight_decay == 0.0
+    assert cfg.scheduler.name == "cosine" and cfg.scheduler.warmup_ratio == 0.03
+    assert (cfg.trainer.micro_batch_size, cfg.trainer.grad_accum_steps, cfg.trainer.epochs) == (4, 1, 1)
+    assert (cfg.trainer.save_steps, cfg.trainer.save_total_limit, cfg.trainer.max_grad_norm) == (1200, 5, 1.0)
+
+
+def test_sft_7b_zero3_only_swaps_the_strategy():
+    base, zero3 = compose(["+experiment=sft_7b"]), compose(["+experiment=sft_7b_zero3"])
+    assert zero3.strategy._target_.endswith("DeepSpeedStrategy") and zero3.strategy.stage == 3
+    for key in ("precision", "optimizer", "scheduler", "trainer", "dataset", "model"):
+        assert OmegaConf.to_container(base)[key] == OmegaConf.to_container(zero3)[key], key
+
+
+def test_misspelled_key_fails_at_compose_time_naming_it():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="max_lenght"):
+        compose(["dataset.max_lenght=10"])
+    with pytest.raises(ConfigCompositionException, match="micro_batch"):
+        compose(["trainer.micro_batch=2"])
+
+
+def test_wrong_type_fails_at_compose_time_naming_the_key():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="micro_batch_size"):
+        compose(["trainer.micro_batch_size=four"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("precision=fp16", "precision"),
+        ("scheduler.name=step", "scheduler.name"),
+        ("trainer.micro_batch_size=0", "trainer.micro_batch_size"),
+        ("dataset.eval_fraction=1.5", "dataset.eval_fraction"),
+        ("+strategy.reshard=true", "strategy.reshard"),
+        ("+optimizer.momentum=0.9", "optimizer.momentum"),
+    ],
+)
+def test_invalid_values_fail_validation_naming_the_key(override, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        validate(compose([override]))
+
+
+def test_slurm_launcher_config_is_in_the_repo():
+    path = os.path.join(CONF_DIR, "hydra", "launcher", "slurm.yaml")
+    text = open(path).read()
+    assert "submitit_slurm" in text and "tasks_per_node" in text
