@@ -13,24 +13,25 @@ optimizer steps on a CPU) can measurably learn it: every answer is short, unique
 exactly checkable (greedy decode + exact match), has no surrounding whitespace, and
 follows a rule that generalizes to held-out prompts.
 
-Tasks (each has several English and several Chinese phrasings; ~half the rows are Chinese):
+Tasks (two English and two Chinese phrasings each; the first task of a row is drawn
+uniformly; about half the rows are Chinese):
 
-=============  ==========================================  =========================  ===========
-task           English example                             Chinese example            answer
-=============  ==========================================  =========================  ===========
-reverse        Reverse the letters: a b c                  把 a b c 倒过来写          c b a
-upper          Write cat in uppercase.                     把 cat 改成大写。          CAT
-repeat         Repeat the word dog 3 times.                把“猫”重复三遍。           dog dog dog / 猫猫猫
-next_num       What number comes after 37?                 37 后面的数是几？          38
-prev_num       What number comes before 37?                37 前面的数是几？          36
-next_letter    Which letter comes after c?                 字母 c 的下一个字母是什么？ d
-prev_letter    Which letter comes before c?                字母 c 的前一个字母是什么？ b
-kth_item       What is the 2nd item in the list: a, b, c?  列表 苹果、猫、书 中的第二个是什么？  b / 猫
-sort_digits    Sort these digits from smallest to largest: 3 1 2   把 3 1 2 从小到大排序。  1 2 3
-add            What is 3 + 4?                              3 加 4 等于几？            7
-compare        Is 7 greater than 3?                        7 比 3 大吗？              yes / no, 是 / 否
-max_of_two     Which is larger, 7 or 3?                    7 和 3 哪个大？            7
-=============  ==========================================  =========================  ===========
+============  ================================================  ================================  =================
+task          English example                                   Chinese example                   answer
+============  ================================================  ================================  =================
+reverse       Reverse the letters: a b c                        把 a b c 倒过来写                 c b a
+upper         Write cat in uppercase.                           把 cat 改成大写。                 CAT
+repeat        Repeat the word dog 3 times.                      把“猫”重复三遍。                  dog dog dog / 猫猫猫
+next_num      What number comes after 37?  (0-97)               37 后面的数是几？                 38
+prev_num      What number comes before 37?  (2-99)              37 前面的数是几？                 36
+next_letter   Which letter comes after c?                       字母 c 的下一个字母是什么？       d
+prev_letter   Which letter comes before c?                      字母 c 的前一个字母是什么？       b
+kth_item      What is the 2nd item in the list: red, cat, sun?  列表 苹果、猫、书 中的第二个是什么？  cat / 猫
+sort_digits   Sort these digits from smallest to largest: 3 1 2  把 3 1 2 从小到大排序。          1 2 3
+add           What is 3 + 4?  (one-digit operands)              3 加 4 等于几？                   7
+compare       Is 7 greater than 3?  (distinct digits)           7 比 3 大吗？                     yes / no, 是 / 否
+max_of_two    Which is larger, 7 or 3?  (distinct digits)       7 和 3 哪个大？                   7
+============  ================================================  ================================  =================
 
 Letter sequences are written space separated ("a b c") so that every letter is its own
 token and the reversal rule is learnable by a tiny model; words come from small fixed
@@ -47,9 +48,12 @@ result." / "只回答结果。"). One system prompt changes the answer format of
 questions: "Reply YES or NO in capitals." (answers YES / NO) and "用“对”或“错”回答。"
 (answers 对 / 错), so a model has to read the system prompt to get those right.
 
-Held-out split: the eval rows are generated first; no self-contained eval prompt (a first
-turn, or a later turn that starts a fresh task) appears as any human turn in train. Only
-generic follow-up phrasings ("And the one after that?") are shared between the splits.
+Held-out split: the eval rows (all distinct) are generated first; no self-contained eval
+prompt (a first turn, or a later turn that starts a fresh task) appears as any human turn in
+train, so no train row equals an eval row. Only generic follow-up phrasings ("And the one
+after that?") are shared between the splits. Train rows may repeat each other: the small
+tasks (letters, one-digit numbers) have few distinct prompts, and deduplicating would skew
+the task mix.
 
 The output depends only on ``--seed``, ``--num-train`` and ``--num-eval``: running the
 script twice produces byte-identical files (``random.Random`` seeded with a string, no set
@@ -139,13 +143,9 @@ def start_reverse(rng: random.Random, ctx: Ctx) -> Turn:
     s = " ".join(seq)
     ctx.state = {"seq": seq}
     if ctx.lang == "en":
-        prompt = rng.choice([
-            f"Reverse the letters: {s}",
-            f"Write the letters {s} in reverse order.",
-            f"What is {s} backwards?",
-        ])
+        prompt = rng.choice([f"Reverse the letters: {s}", f"Write backwards: {s}"])
     else:
-        prompt = rng.choice([f"把 {s} 倒过来写", f"倒序写出字母 {s}", f"{s} 反过来是什么？"])
+        prompt = rng.choice([f"把 {s} 倒过来写", f"倒序写出字母：{s}"])
     return prompt, " ".join(reversed(seq))
 
 
@@ -153,13 +153,9 @@ def start_upper(rng: random.Random, ctx: Ctx) -> Turn:
     word = rng.choice(EN_WORDS)
     ctx.state = {"word": word}
     if ctx.lang == "en":
-        prompt = rng.choice([
-            f"Write {word} in uppercase.",
-            f"Convert the word {word} to capital letters.",
-            f"Uppercase: {word}",
-        ])
+        prompt = rng.choice([f"Write {word} in uppercase.", f"Uppercase: {word}"])
     else:
-        prompt = rng.choice([f"把 {word} 改成大写。", f"{word} 的大写是什么？", f"请把单词 {word} 写成大写字母"])
+        prompt = rng.choice([f"把 {word} 改成大写。", f"{word} 的大写是什么？"])
     return prompt, word.upper()
 
 
@@ -171,15 +167,10 @@ def start_repeat(rng: random.Random, ctx: Ctx) -> Turn:
     n = rng.randint(2, 4)
     if ctx.lang == "en":
         word = rng.choice(EN_WORDS)
-        prompt = rng.choice([
-            f"Repeat the word {word} {n} times.",
-            f"Say {word} {n} times.",
-            f"Write {word} {n} times, separated by spaces.",
-        ])
+        prompt = rng.choice([f"Repeat the word {word} {n} times.", f"Say {word} {n} times."])
     else:
         word = rng.choice(ZH_WORDS)
-        num = rng.choice([ZH_NUMERALS[n], str(n)])
-        prompt = rng.choice([f"把“{word}”重复{num}遍。", f"请把{word}写{num}次", f"重复{num}次：{word}"])
+        prompt = rng.choice([f"把“{word}”重复{ZH_NUMERALS[n]}遍。", f"重复{ZH_NUMERALS[n]}次：{word}"])
     ctx.state = {"word": word, "n": n}
     return prompt, _repeat_answer(ctx.lang, word, n)
 
@@ -188,13 +179,9 @@ def start_next_num(rng: random.Random, ctx: Ctx) -> Turn:
     n = rng.randint(0, 97)
     ctx.state = {"n": n + 1}
     if ctx.lang == "en":
-        prompt = rng.choice([
-            f"What number comes after {n}?",
-            f"What is the next number after {n}?",
-            f"Count one up from {n}.",
-        ])
+        prompt = rng.choice([f"What number comes after {n}?", f"Count one up from {n}."])
     else:
-        prompt = rng.choice([f"{n} 后面的数是几？", f"{n} 的下一个数是多少？", f"比 {n} 大一的数是几？"])
+        prompt = rng.choice([f"{n} 后面的数是几？", f"比 {n} 大一的数是几？"])
     return prompt, str(n + 1)
 
 
@@ -202,13 +189,9 @@ def start_prev_num(rng: random.Random, ctx: Ctx) -> Turn:
     n = rng.randint(2, 99)
     ctx.state = {"n": n - 1}
     if ctx.lang == "en":
-        prompt = rng.choice([
-            f"What number comes before {n}?",
-            f"What is the number just before {n}?",
-            f"Count one down from {n}.",
-        ])
+        prompt = rng.choice([f"What number comes before {n}?", f"Count one down from {n}."])
     else:
-        prompt = rng.choice([f"{n} 前面的数是几？", f"{n} 的前一个数是多少？", f"比 {n} 小一的数是几？"])
+        prompt = rng.choice([f"{n} 前面的数是几？", f"比 {n} 小一的数是几？"])
     return prompt, str(n - 1)
 
 
@@ -217,13 +200,9 @@ def start_next_letter(rng: random.Random, ctx: Ctx) -> Turn:
     c = LETTERS[i]
     ctx.state = {"i": i + 1}
     if ctx.lang == "en":
-        prompt = rng.choice([
-            f"Which letter comes after {c}?",
-            f"What is the next letter of the alphabet after {c}?",
-            f"Next letter after {c}?",
-        ])
+        prompt = rng.choice([f"Which letter comes after {c}?", f"Next letter after {c}?"])
     else:
-        prompt = rng.choice([f"字母 {c} 的下一个字母是什么？", f"字母表里 {c} 后面是哪个字母？", f"{c} 之后的字母是？"])
+        prompt = rng.choice([f"字母 {c} 的下一个字母是什么？", f"{c} 之后的字母是？"])
     return prompt, LETTERS[i + 1]
 
 
@@ -232,13 +211,9 @@ def start_prev_letter(rng: random.Random, ctx: Ctx) -> Turn:
     c = LETTERS[i]
     ctx.state = {"i": i - 1}
     if ctx.lang == "en":
-        prompt = rng.choice([
-            f"Which letter comes before {c}?",
-            f"What is the letter just before {c} in the alphabet?",
-            f"Previous letter before {c}?",
-        ])
+        prompt = rng.choice([f"Which letter comes before {c}?", f"Previous letter before {c}?"])
     else:
-        prompt = rng.choice([f"字母 {c} 的前一个字母是什么？", f"字母表里 {c} 前面是哪个字母？", f"{c} 之前的字母是？"])
+        prompt = rng.choice([f"字母 {c} 的前一个字母是什么？", f"{c} 之前的字母是？"])
     return prompt, LETTERS[i - 1]
 
 
@@ -252,15 +227,10 @@ def start_kth_item(rng: random.Random, ctx: Ctx) -> Turn:
         prompt = rng.choice([
             f"What is the {EN_ORDINAL_SHORT[k]} item in the list: {items}?",
             f"List: {items}. Which word is {EN_ORDINAL_WORDS[k]}?",
-            f"Give the {EN_ORDINAL_WORDS[k]} word of: {items}",
         ])
     else:
         items = "、".join(words)
-        prompt = rng.choice([
-            f"列表 {items} 中的{ZH_ORDINALS[k]}个是什么？",
-            f"在 {items} 里，{ZH_ORDINALS[k]}个词是哪个？",
-            f"{items}：{ZH_ORDINALS[k]}个是？",
-        ])
+        prompt = rng.choice([f"列表 {items} 中的{ZH_ORDINALS[k]}个是什么？", f"{items}：{ZH_ORDINALS[k]}个是？"])
     return prompt, words[k - 1]
 
 
@@ -269,13 +239,9 @@ def start_sort_digits(rng: random.Random, ctx: Ctx) -> Turn:
     s = " ".join(map(str, digits))
     ctx.state = {"digits": digits}
     if ctx.lang == "en":
-        prompt = rng.choice([
-            f"Sort these digits from smallest to largest: {s}",
-            f"Put {s} in ascending order.",
-            f"Order the digits {s} from low to high.",
-        ])
+        prompt = rng.choice([f"Sort these digits from smallest to largest: {s}", f"Put {s} in ascending order."])
     else:
-        prompt = rng.choice([f"把 {s} 从小到大排序。", f"将数字 {s} 按升序排列", f"{s} 从小到大排是？"])
+        prompt = rng.choice([f"把 {s} 从小到大排序。", f"将数字 {s} 按升序排列"])
     return prompt, " ".join(map(str, sorted(digits)))
 
 
@@ -283,14 +249,14 @@ def start_add(rng: random.Random, ctx: Ctx) -> Turn:
     a, b = rng.randint(0, 9), rng.randint(0, 9)
     ctx.state = {"total": a + b}
     if ctx.lang == "en":
-        prompt = rng.choice([f"What is {a} + {b}?", f"{a} plus {b} equals?", f"Add {a} and {b}."])
+        prompt = rng.choice([f"What is {a} + {b}?", f"{a} plus {b} equals?"])
     else:
-        prompt = rng.choice([f"{a} 加 {b} 等于几？", f"{a} + {b} 等于多少？", f"计算 {a} 加 {b}"])
+        prompt = rng.choice([f"{a} 加 {b} 等于几？", f"{a} + {b} 等于多少？"])
     return prompt, str(a + b)
 
 
 def start_compare(rng: random.Random, ctx: Ctx) -> Turn:
-    a, b = rng.sample(range(0, 21), 2)
+    a, b = rng.sample(range(0, 10), 2)
     greater = rng.random() < 0.5
     ctx.state = {"a": a, "b": b, "greater": greater}
     if ctx.lang == "en":
@@ -303,7 +269,7 @@ def start_compare(rng: random.Random, ctx: Ctx) -> Turn:
 
 
 def start_max_of_two(rng: random.Random, ctx: Ctx) -> Turn:
-    a, b = rng.sample(range(0, 21), 2)
+    a, b = rng.sample(range(0, 10), 2)
     ctx.state = {"a": a, "b": b}
     if ctx.lang == "en":
         prompt = rng.choice([f"Which is larger, {a} or {b}?", f"Which number is bigger: {a} or {b}?"])
@@ -457,10 +423,9 @@ def follow_up(rng: random.Random, ctx: Ctx) -> Turn | None:
     return fu(rng, ctx)
 
 
-def make_row(rng: random.Random) -> tuple[dict, list[str]]:
-    """One conversation; returns (row without id, self-contained human prompts)."""
+def make_row(rng: random.Random, first_task: str) -> tuple[dict, list[str]]:
+    """One conversation opening with ``first_task``; returns (row without id, self-contained human prompts)."""
     lang = "zh" if rng.random() < CHINESE_FRACTION else "en"
-    first_task = rng.choice(TASK_NAMES)
     ctx = Ctx(lang=lang)
     if first_task == "compare" and rng.random() < 0.35:
         ctx.caps_yes_no = True
@@ -505,31 +470,35 @@ def generate(seed: int = DEFAULT_SEED, num_train: int = DEFAULT_NUM_TRAIN,
     eval_rng = random.Random(f"{seed}-eval")
     train_rng = random.Random(f"{seed}-train")
 
+    # The first task of every row is drawn uniformly and kept while a row is redrawn (eval: a
+    # duplicate row; train: a row using a held-out prompt), so rejections do not skew the task mix.
     eval_rows: list[dict] = []
     eval_prompts: dict[str, None] = {}  # ordered "set" of held-out self-contained prompts
     seen: dict[str, None] = {}
     while len(eval_rows) < num_eval:
-        row, prompts = make_row(eval_rng)
-        key = _row_key(row)
-        if key in seen:
-            continue
+        task = eval_rng.choice(TASK_NAMES)
+        for _ in range(1000):
+            row, prompts = make_row(eval_rng, task)
+            key = _row_key(row)
+            if key not in seen:
+                break
+        else:
+            raise RuntimeError(f"could not generate enough distinct eval rows for task {task!r}")
         seen[key] = None
         eval_prompts.update(dict.fromkeys(prompts))
         eval_rows.append({"id": f"eval-{len(eval_rows):05d}", **row})
 
+    # Train rows may repeat each other (small tasks have few distinct prompts); they never
+    # contain a self-contained eval prompt, hence never equal an eval row.
     train_rows: list[dict] = []
-    attempts = 0
     while len(train_rows) < num_train:
-        attempts += 1
-        if attempts > 50 * (num_train + 10):
-            raise RuntimeError("could not generate enough distinct training rows")
-        row, _ = make_row(train_rng)
-        key = _row_key(row)
-        if key in seen:
-            continue
-        if any(turn["value"] in eval_prompts for turn in row["conversations"] if turn["from"] == "human"):
-            continue
-        seen[key] = None
+        task = train_rng.choice(TASK_NAMES)
+        for _ in range(1000):
+            row, _ = make_row(train_rng, task)
+            if not any(t["value"] in eval_prompts for t in row["conversations"] if t["from"] == "human"):
+                break
+        else:
+            raise RuntimeError(f"could not generate training rows for task {task!r} outside the eval split")
         train_rows.append({"id": f"train-{len(train_rows):05d}", **row})
     return train_rows, eval_rows
 

@@ -59,6 +59,7 @@ class TrainerConfig:
     accuracy_samples: int = 64  # held-out prompts scored by exact match at the end; 0 = skip
     max_new_tokens: int = 32
     on_nan: str = "stop"  # stop | skip
+    stop_after_steps: int = 0  # end this process after N more steps with a checkpoint (time-limited jobs); 0 = off
 
 
 @dataclass

@@ -230,7 +230,10 @@ class Trainer:
         peak = peak_flops(ctx.device)
         window_start, window_tokens = time.time(), 0
         last_saved = None
+        stop_at = self.step + trainer.stop_after_steps if trainer.stop_after_steps > 0 else None
         while self.step < self.total_steps:
+            if stop_at is not None and self.step >= stop_at:
+                break
             lr = lr_at(self.step, base_lr=self.base_lr, total_steps=self.total_steps, warmup=self.warmup,
                        name=cfg.scheduler.name, min_lr_ratio=cfg.scheduler.min_lr_ratio)
             self.strategy.set_lr(lr)
@@ -262,6 +265,13 @@ class Trainer:
                 last_saved = self.save()
         if progress is not None:
             progress.close()
+        if self.step < self.total_steps:  # stopped early (trainer.stop_after_steps): checkpoint and hand over
+            if last_saved is None or not last_saved.endswith(f"step_{self.step:08d}"):
+                last_saved = self.save()
+            self.metrics.close()
+            return {"steps": self.step, "seconds": time.time() - started, "eval_loss_start": self.first_eval_loss,
+                    "eval_loss_end": self.last_eval_loss, "accuracy": None, "checkpoint": last_saved, "samples": [],
+                    "resumed_from": self.resumed_from, "tokens_seen": self.tokens_seen, "stopped_early": True}
         self.last_eval_loss = self.evaluate()
         answers = self.sample_answers(trainer.accuracy_samples)
         accuracy = sum(a["generated"] == a["reference"] for a in answers) / len(answers) if answers else None

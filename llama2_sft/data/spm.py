@@ -13,7 +13,7 @@ loads it as a Llama tokenizer.
 CLI::
 
     python -m llama2_sft.data.spm --data data/train.jsonl data/eval.jsonl \\
-        --out data/tokenizer --vocab-size 2048
+        --out data/tokenizer --vocab-size 1024
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ from collections.abc import Iterable, Iterator
 CHAT_TEMPLATE_LITERALS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
-DEFAULT_VOCAB_SIZE = 2048
+# 1024 = 3 specials + 256 byte pieces + every character of the embedded data (~200, Chinese
+# included) + ~560 BPE merges. Larger sizes only add rarely used whole-phrase pieces (and the
+# embedded data supports at most ~2000 pieces: BPE runs out of pairs to merge).
+DEFAULT_VOCAB_SIZE = 1024
 MODEL_MAX_LENGTH = 4096  # Llama-2 context length; training code truncates far below this.
 SEED = 0
 
@@ -160,11 +163,16 @@ def train_tokenizer(jsonl_paths: list[str], out_dir: str, vocab_size: int = DEFA
     fd, tmp_path = tempfile.mkstemp(prefix=".tokenizer.", suffix=".model.tmp", dir=out_dir)
     try:
         with os.fdopen(fd, "wb") as model_writer:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter_training_text(jsonl_paths),
-                model_writer=model_writer,
-                **trainer_kwargs(vocab_size),
-            )
+            try:
+                spm.SentencePieceTrainer.train(
+                    sentence_iterator=iter_training_text(jsonl_paths),
+                    model_writer=model_writer,
+                    **trainer_kwargs(vocab_size),
+                )
+            except RuntimeError as e:
+                if "Vocabulary size too high" in str(e):
+                    raise ValueError(f"vocab_size={vocab_size} is too large for this data: {e}") from e
+                raise
         os.chmod(tmp_path, 0o644)  # mkstemp creates 0600
         os.replace(tmp_path, model_path)
     finally:

@@ -4,6 +4,7 @@ is no hand-kept JSON to drift; the torch optimizer built by `optimizer._target_`
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from typing import Any
 
@@ -84,6 +85,12 @@ class DeepSpeedStrategy(Strategy):
         )
         if ctx.device.type == "cpu":  # DeepSpeed picks its accelerator itself; make the CPU choice explicit
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce op (~2.5 min on 2 cores, first run only)
+            # that only speeds up CPU all-reduce; plain gloo collectives are exact and need no build.
+            # (importlib: `import deepspeed.comm.torch` would resolve to the torch library re-exported there)
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        if ctx.distributed:  # let deepspeed.comm adopt the existing process group before it reads the world size
+            deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
         hf_ds_config = None
         if self.stage == 3:
             # While this object lives, transformers builds the model partitioned (zero.Init) and loads the

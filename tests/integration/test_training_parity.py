@@ -1,0 +1,125 @@
+"""The loop's math does not depend on how the work is split, and a resumed run continues exactly.
+
+Each test runs `train.py` for real (torchrun with 2 gloo ranks where it says so) on a tiny Llama saved like a Hugging
+Face checkpoint, and compares the per-step losses in metrics.jsonl (fp32, CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+REL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_checkpoint):
+    root = tmp_path_factory.mktemp("parity")
+    with open(os.path.join(REPO, "data", "train.jsonl"), encoding="utf-8") as handle:
+        lines = [next(handle) for _ in range(64)]
+    (root / "rows.jsonl").write_text("".join(lines), encoding="utf-8")
+    (root / "rows8.jsonl").write_text("".join(lines[:8]), encoding="utf-8")
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_train(workdir, tiny_checkpoint, name, overrides=(), nproc=1, rows="rows.jsonl", check=True):
+    """Run train.py; returns (output_dir, completed process)."""
+    output_dir = workdir / name
+    args = [
+        f"output_dir={output_dir}", f"model.name_or_path={tiny_checkpoint}", "model.tokenizer=null", "model.arch=null",
+        f"dataset.source={workdir / rows}", "dataset.eval_source=null", "dataset.eval_fraction=0",
+        "dataset.max_length=256", f"dataset.cache_dir={workdir / 'cache'}", "dataset.packing=false",
+        "trainer.max_steps=4", "trainer.save_steps=0", "trainer.eval_steps=0", "trainer.accuracy_samples=0",
+        "trainer.generate_samples=0", "trainer.log_steps=1", "scheduler.warmup_ratio=0", "optimizer.lr=1e-3",
+        *overrides,
+    ]
+    if nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                   f"--master_port={free_port()}", "train.py", *args]
+    else:
+        command = [sys.executable, "train.py", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check and done.returncode != 0:
+        raise AssertionError(f"train.py failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    return output_dir, done
+
+
+def losses(output_dir) -> dict[int, float]:
+    with open(os.path.join(output_dir, "metrics.jsonl")) as handle:
+        records = [json.loads(line) for line in handle]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def assert_same_losses(a: dict, b: dict, rel=REL):
+    assert sorted(a) == sorted(b) and a
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=rel), f"step {step}: {a[step]} vs {b[step]}"
+
+
+def test_single_fsdp_and_zero3_give_the_same_losses_at_the_same_global_batch(workdir, tiny_checkpoint):
+    single, _ = run_train(workdir, tiny_checkpoint, "single", ["trainer.micro_batch_size=4"])
+    fsdp, _ = run_train(workdir, tiny_checkpoint, "fsdp", ["strategy=fsdp", "trainer.micro_batch_size=2"], nproc=2)
+    zero3, _ = run_train(workdir, tiny_checkpoint, "zero3", ["strategy=deepspeed_zero3", "trainer.micro_batch_size=2"], nproc=2)
+    reference = losses(single)
+    assert len(set(reference.values())) == 4  # the model is learning: each step differs
+    assert_same_losses(reference, losses(fsdp))
+    assert_same_losses(reference, losses(zero3))
+
+
+def test_gradient_accumulation_split_does_not_change_losses(workdir, tiny_checkpoint):
+    whole, _ = run_train(workdir, tiny_checkpoint, "mb4", ["trainer.micro_batch_size=4", "trainer.grad_accum_steps=1"])
+    split, _ = run_train(workdir, tiny_checkpoint, "mb1x4", ["trainer.micro_batch_size=1", "trainer.grad_accum_steps=4"])
+    assert_same_losses(losses(whole), losses(split))
+
+
+def test_packed_and_padded_batches_of_the_same_samples_give_the_same_losses(workdir, tiny_checkpoint):
+    # 8 short samples: padded, one global batch of 8 samples; packed into max_length 2048, one row holding all 8.
+    padded, _ = run_train(workdir, tiny_checkpoint, "padded8", ["trainer.micro_batch_size=8"], rows="rows8.jsonl")
+    packed, _ = run_train(workdir, tiny_checkpoint, "packed8", ["trainer.micro_batch_size=1", "dataset.packing=true",
+                                                                "dataset.max_length=2048"], rows="rows8.jsonl")
+    assert_same_losses(losses(padded), losses(packed))
+
+
+@pytest.mark.parametrize("strategy, nproc", [("single", 1), ("fsdp", 2), ("deepspeed_zero3", 2)])
+def test_resumed_run_continues_with_the_same_losses_as_an_uninterrupted_run(workdir, tiny_checkpoint, strategy, nproc):
+    common = [f"strategy={strategy}", f"trainer.micro_batch_size={4 // nproc}", "trainer.max_steps=6",
+              "trainer.save_steps=3", "dataset.packing=true", "trainer.save_total_limit=1"]
+    straight, _ = run_train(workdir, tiny_checkpoint, f"straight-{strategy}", common, nproc=nproc)
+    stopped, _ = run_train(workdir, tiny_checkpoint, f"resumed-{strategy}", [*common, "trainer.stop_after_steps=3"], nproc=nproc)
+    assert sorted(losses(stopped)) == [1, 2, 3]
+    resumed, done = run_train(workdir, tiny_checkpoint, f"resumed-{strategy}", common, nproc=nproc)
+    assert "resumed from" in done.stderr + done.stdout
+    assert losses(resumed) == losses(straight)  # exactly: same batches, same RNG, same optimizer state
+
+
+def test_a_half_written_checkpoint_is_never_loaded(workdir, tiny_checkpoint):
+    common = ["trainer.micro_batch_size=4", "trainer.max_steps=4", "trainer.save_steps=2"]
+    straight, _ = run_train(workdir, tiny_checkpoint, "straight-crash", common)
+    out, _ = run_train(workdir, tiny_checkpoint, "crash", [*common, "trainer.stop_after_steps=2"])
+    # Simulate a crash while writing step 3: its directory exists without the COMPLETE marker and even the
+    # `latest` pointer names it; a temporary directory is left behind too.
+    ckpts = out / "checkpoints"
+    shutil.copytree(ckpts / "step_00000002", ckpts / "step_00000003")
+    os.remove(ckpts / "step_00000003" / "COMPLETE")
+    shutil.copytree(ckpts / "step_00000002", ckpts / ".tmp-step_00000004")
+    (ckpts / "latest").write_text("step_00000003\n")
+    resumed, done = run_train(workdir, tiny_checkpoint, "crash", common)
+    log = done.stderr + done.stdout
+    assert "resumed from" in log and "step_00000002" in log
+    assert losses(resumed) == losses(straight)

@@ -1,0 +1,116 @@
+"""Model-side facts the loop relies on, each checked by computing the same thing two ways."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from llama2_sft.data.chat import IGNORE_INDEX
+from llama2_sft.data.collate import block_causal_mask, collate_packed, collate_padded
+from llama2_sft.model import summed_cross_entropy
+
+
+def tiny_model(attn: str) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config._attn_implementation = attn
+    return LlamaForCausalLM(config).eval()
+
+
+def samples():
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for length in (7, 5, 9):
+        ids = torch.randint(3, 120, (length,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 2 + ids[2:]})
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_with_reset_positions_and_no_cache_equal_separate_samples(attn):
+    model = tiny_model(attn)
+    parts = samples()
+    packed = collate_packed([parts], pad_id=0)
+    with torch.no_grad():
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
+        cursor = 0
+        for sample in parts:
+            alone = model(input_ids=torch.tensor([sample["input_ids"]]), use_cache=False).logits[0]
+            n = len(sample["input_ids"])
+            torch.testing.assert_close(logits[cursor: cursor + n], alone, rtol=1e-5, atol=1e-5)
+            cursor += n
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_leak_across_samples_when_the_kv_cache_is_on(attn):
+    model = tiny_model(attn)
+    parts = samples()
+    packed = collate_packed([parts], pad_id=0)
+    with torch.no_grad():
+        leaky = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=True).logits[0]
+        second_alone = model(input_ids=torch.tensor([parts[1]["input_ids"]]), use_cache=False).logits[0]
+    n0, n1 = len(parts[0]["input_ids"]), len(parts[1]["input_ids"])
+    assert not torch.allclose(leaky[n0: n0 + n1], second_alone, atol=1e-4)
+
+
+def test_float_block_mask_equals_reset_positions_under_eager():
+    model = tiny_model("eager")
+    packed = collate_packed([samples()], pad_id=0)
+    mask = block_causal_mask(packed["seq_lens"], packed["input_ids"].shape[1])
+    with torch.no_grad():
+        by_positions = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+        by_mask = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(by_positions, by_mask, rtol=1e-5, atol=1e-5)
+
+
+def test_boolean_4d_mask_is_misread_under_eager_attention():
+    """A bool mask (True = attend) is added to the scores as 0/1 under eager attention instead of masking: wrong."""
+    model = tiny_model("eager")
+    packed = collate_packed([samples()], pad_id=0)
+    float_mask = block_causal_mask(packed["seq_lens"], packed["input_ids"].shape[1])
+    bool_mask = float_mask == 0
+    with torch.no_grad():
+        right = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], attention_mask=float_mask, use_cache=False).logits
+        try:
+            wrong = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], attention_mask=bool_mask, use_cache=False).logits
+        except Exception:  # noqa: BLE001 - refusing a bool mask is also acceptable behaviour
+            return
+    assert not torch.allclose(right, wrong, atol=1e-4)
+
+
+def test_padded_and_packed_batches_give_the_same_summed_loss():
+    model = tiny_model("sdpa")
+    parts = samples()
+    padded, packed = collate_padded(parts, pad_id=0), collate_packed([parts[:2], parts[2:]], pad_id=0)
+    with torch.no_grad():
+        a = summed_cross_entropy(model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], use_cache=False).logits, padded["target_ids"])
+        b = summed_cross_entropy(model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits, packed["target_ids"])
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_summed_cross_entropy_equals_one_shot_sum():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, 120, generator=g)
+    targets = torch.randint(0, 120, (3, 50), generator=g)
+    targets[0, :10] = IGNORE_INDEX
+    one_shot = F.cross_entropy(logits.reshape(-1, 120), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    torch.testing.assert_close(summed_cross_entropy(logits, targets, chunk_rows=7), one_shot)
+
+
+def test_token_normalised_accumulation_gives_the_full_batch_gradient():
+    """sum over micro-batches of (summed CE / global supervised count) == mean CE over the whole batch."""
+    parts = samples()
+    model_a, model_b = tiny_model("sdpa").train(), tiny_model("sdpa").train()
+    full = collate_padded(parts, pad_id=0)
+    loss = F.cross_entropy(model_a(input_ids=full["input_ids"], use_cache=False).logits.reshape(-1, 120),
+                           full["target_ids"].reshape(-1), ignore_index=IGNORE_INDEX)
+    loss.backward()
+    total = int((full["target_ids"] != IGNORE_INDEX).sum())
+    for sample in parts:  # uneven micro-batches: a per-micro-batch mean would weight them wrongly
+        micro = collate_padded([sample], pad_id=0)
+        (summed_cross_entropy(model_b(input_ids=micro["input_ids"], use_cache=False).logits, micro["target_ids"]) / total).backward()
+    for (name, pa), pb in zip(model_a.named_parameters(), model_b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-6, msg=name)
