@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -44,3 +44,63 @@ def generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, pa
     for row in output[:, width:].tolist():
         results.append(row[: row.index(eos_id)] if eos_id in row else row)
     return results
+
+
+class TextStream:
+    """Turns generated ids into text pieces as they arrive (holding back incomplete UTF-8 byte sequences)."""
+
+    def __init__(self, tokenizer: Any, emit: Callable[[str], None], skip_ids: int = 0):
+        self.tokenizer = tokenizer
+        self.emit = emit
+        self.ids: list[int] = []
+        self.sent = 0
+        self.skip = skip_ids  # the prompt arrives first through `put`; it is not echoed
+
+    def put(self, value: torch.Tensor) -> None:
+        ids = value.reshape(-1).tolist()
+        if self.skip:
+            take = min(self.skip, len(ids))
+            self.skip -= take
+            ids = ids[take:]
+        self.ids += ids
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        if len(text) > self.sent:
+            self.emit(text[self.sent:])
+            self.sent = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if len(text) > self.sent:
+            self.emit(text[self.sent:])
+            self.sent = len(text)
+
+
+def chat_reply(model: torch.nn.Module, tokenizer: Any, messages: Sequence[dict], sampling: SamplingConfig,
+               device: torch.device, on_text: Callable[[str], None] | None = None, seed: int | None = None) -> dict:
+    """The assistant's reply to `messages` (llama-2-chat prompt via encode_dialog), optionally streamed as text."""
+    from llama2_sft.data.chat import generation_prompt
+
+    prompt = generation_prompt(tokenizer, messages)
+    if seed is not None:
+        torch.manual_seed(seed)
+    kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, use_cache=True,
+                                  repetition_penalty=sampling.repetition_penalty)
+    if sampling.temperature > 0:
+        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if on_text is not None:
+        kwargs["streamer"] = TextStream(tokenizer, on_text, skip_ids=len(prompt))
+    input_ids = torch.tensor([prompt], device=device)
+    with torch.no_grad():
+        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    new_ids = output[0, len(prompt):].tolist()
+    finished = tokenizer.eos_token_id in new_ids
+    if finished:
+        new_ids = new_ids[: new_ids.index(tokenizer.eos_token_id)]
+    text = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+    return {"text": text, "prompt_tokens": len(prompt), "completion_tokens": len(new_ids),
+            "finish_reason": "stop" if finished else "length"}
