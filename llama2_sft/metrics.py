@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from typing import Any
 
 import torch
@@ -61,7 +62,7 @@ class MetricsWriter:
             mode = "online" if logged_in else "offline"
         if mode == "disabled":
             return
-        self.wandb_run_id = self.wandb_run_id or wandb.util.generate_id()
+        self.wandb_run_id = self.wandb_run_id or uuid.uuid4().hex[:12]  # kept in checkpoints: resume logs here
         try:
             self.wandb = wandb.init(
                 project=cfg.project, entity=cfg.entity, name=cfg.name, tags=list(cfg.tags or []), config=config,

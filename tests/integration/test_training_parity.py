@@ -37,7 +37,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_train(workdir, tiny_checkpoint, name, overrides=(), nproc=1, rows="rows.jsonl", check=True):
+def run_train(workdir, tiny_checkpoint, name, overrides=(), nproc=1, rows="rows.jsonl", check=True, wandb_mode="disabled"):
     """Run train.py; returns (output_dir, completed process)."""
     output_dir = workdir / name
     args = [
@@ -53,7 +53,7 @@ def run_train(workdir, tiny_checkpoint, name, overrides=(), nproc=1, rows="rows.
                    f"--master_port={free_port()}", "train.py", *args]
     else:
         command = [sys.executable, "train.py", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE=wandb_mode)
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if check and done.returncode != 0:
         raise AssertionError(f"train.py failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
@@ -123,3 +123,14 @@ def test_a_half_written_checkpoint_is_never_loaded(workdir, tiny_checkpoint):
     log = done.stderr + done.stdout
     assert "resumed from" in log and "step_00000002" in log
     assert losses(resumed) == losses(straight)
+
+
+def test_wandb_logs_offline_without_network_and_a_resumed_run_keeps_its_run_id(workdir, tiny_checkpoint):
+    common = ["trainer.micro_batch_size=4", "trainer.max_steps=4", "trainer.save_steps=2", "logger=wandb",
+              "logger.wandb.mode=offline"]
+    out, _ = run_train(workdir, tiny_checkpoint, "wandb", [*common, "trainer.stop_after_steps=2"], wandb_mode="offline")
+    run_train(workdir, tiny_checkpoint, "wandb", common, wandb_mode="offline")
+    run_dirs = sorted(d for d in os.listdir(out / "wandb") if d.startswith("offline-run-"))
+    assert len(run_dirs) == 2 and len({d.rsplit("-", 1)[1] for d in run_dirs}) == 1
+    with open(out / "checkpoints" / "step_00000004" / "trainer_state.json") as handle:
+        assert json.load(handle)["wandb_run_id"] == run_dirs[0].rsplit("-", 1)[1]
