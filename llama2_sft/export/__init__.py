@@ -1,0 +1,1 @@
+"""Exporters: a consolidated checkpoint -> Hugging Face safetensors dir (`hf.py`) or a GGUF file (`gguf.py`)."""
