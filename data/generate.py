@@ -13,6 +13,13 @@ optimizer steps on a CPU) can measurably learn it: every answer is short, unique
 exactly checkable (greedy decode + exact match), has no surrounding whitespace, and
 follows a rule that generalizes to held-out prompts.
 
+Measured (this data, ``data/tokenizer`` at 1024 pieces, Meta's per-turn llama-2-chat encoding,
+loss on answers only): a 2.2M-parameter Llama (hidden 192, 4 layers) trained for 350 AdamW
+steps of batch 16 (lr 3e-3, cosine) brings the answer-token loss from ~6.9 (uniform) to
+~1.2-1.5 (short, EOS-terminated answers, mostly of the wrong task type still), and greedy
+exact match on eval is only ~4-6% (lr 1e-2: worse). A few hundred steps show learning in the
+loss; exact-match accuracy needs many more steps.
+
 Tasks (two English and two Chinese phrasings each; the first task of a row is drawn
 uniformly; about half the rows are Chinese):
 
