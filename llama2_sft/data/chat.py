@@ -48,28 +48,45 @@ class TextEncoder(Protocol):
 class SentencePieceEncoder:
     """`TextEncoder` over a SentencePiece model file (the reference Llama-2 tokenizer)."""
 
-    def __init__(self, model_file: str):
+    def __init__(self, model_file: str, num_threads: int = -1):
         import sentencepiece as spm
 
         self.model_file = model_file
         self.sp = spm.SentencePieceProcessor(model_file=model_file)
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
+        self.num_threads = num_threads  # SentencePiece's threads per batch call (-1: all cores; 1 in worker processes)
         if self.bos_id < 0 or self.eos_id < 0:
             raise ValueError(f"{model_file}: SentencePiece model has no BOS/EOS ids (bos={self.bos_id}, eos={self.eos_id})")
+        self.splits_at_spaces = _splits_at_spaces(self.sp)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.sp.encode(list(texts))
+        return self.sp.encode(list(texts), num_threads=self.num_threads)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode(list(ids))
 
     def __reduce__(self):  # picklable for multi-process tokenization: reload from the file
-        return (SentencePieceEncoder, (self.model_file,))
+        return (SentencePieceEncoder, (self.model_file, self.num_threads))
+
+
+def _splits_at_spaces(sp) -> bool:
+    """True when no piece can span a space and a leading space is the dummy prefix: then the ids of
+    "{prompt} {answer} " are exactly ids("{prompt}") + ids("{answer} "), and each prompt need be encoded once.
+    (Llama-2's model: split_by_whitespace, add_dummy_prefix, identity normalization, spaces kept as they are.)"""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp.serialized_model_proto())
+    trainer, normalizer = proto.trainer_spec, proto.normalizer_spec
+    return (trainer.split_by_whitespace and not trainer.treat_whitespace_as_suffix and normalizer.add_dummy_prefix
+            and not normalizer.remove_extra_whitespaces and normalizer.name == "identity")
 
 
 class HFTextEncoder:
     """Fallback for tokenizers without a SentencePiece model: control strings in text stay text."""
+
+    splits_at_spaces = False  # unknown pre-tokenization: always encode the whole pair string
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
@@ -204,32 +221,40 @@ def dialog_strings(messages: Sequence[dict]) -> tuple[list[tuple[str, str]], str
     return pairs, tail
 
 
-def encode_dialogs(tokenizer: Any, dialogs: Sequence[Sequence[dict]]) -> list[EncodedDialog]:
-    """`encode_dialog` for many dialogs with one batched tokenizer call (the fast path for data preparation)."""
+def encode_dialogs(tokenizer: Any, dialogs: Sequence[Sequence[dict]], exact: bool = False) -> list[EncodedDialog]:
+    """`encode_dialog` for many dialogs with one batched tokenizer call (the fast path for data preparation).
+    `exact=True` encodes each whole pair string as Meta's code does (the reference the fast path is tested against)."""
     encoder = text_encoder(tokenizer)
+    fast = getattr(encoder, "splits_at_spaces", False) and not exact
     layouts, texts = [], []
     for messages in dialogs:
         pairs, tail = dialog_strings(messages)
-        layouts.append((len(pairs), tail is not None))
+        # fast: encode the prompt and "{answer} " (its leading space is the dummy prefix); exact: the whole pair
+        split = fast and all(full[len(prompt) + 1:].strip() for prompt, full in pairs)
+        layouts.append((len(pairs), tail is not None, split))
         for prompt, full in pairs:
-            texts.extend((prompt, full))
+            texts.extend((prompt, full[len(prompt) + 1:] if split else full))
         if tail is not None:
             texts.append(tail)
     token_lists = encoder.encode_batch(texts) if texts else []
     bos, eos = encoder.bos_id, encoder.eos_id
     results, cursor = [], 0
-    for num_pairs, has_tail in layouts:
+    for num_pairs, has_tail, split in layouts:
         out = EncodedDialog()
         for _ in range(num_pairs):
-            prompt_ids, full_ids = token_lists[cursor], token_lists[cursor + 1]
+            prompt_ids, second = token_lists[cursor], token_lists[cursor + 1]
             cursor += 2
-            # Labels: the tokens after the prompt's own encoding, plus EOS. SentencePiece pieces never end in a
-            # space, so the prompt's ids are a prefix of the pair's ids (checked, not assumed).
-            if full_ids[: len(prompt_ids)] != prompt_ids:
-                raise ValueError("tokenizer broke the prompt/answer boundary: prompt ids are not a prefix of the pair's ids")
+            if split:
+                answer_ids = second
+            else:
+                # Labels: the tokens after the prompt's own encoding, plus EOS. Checked, not assumed, that the
+                # prompt's ids are a prefix of the pair's ids.
+                if second[: len(prompt_ids)] != prompt_ids:
+                    raise ValueError("tokenizer broke the prompt/answer boundary: prompt ids are not a prefix of the pair's ids")
+                answer_ids = second[len(prompt_ids):]
             start = len(out.input_ids)
-            out.input_ids += [bos, *full_ids, eos]
-            out.labels += [IGNORE_INDEX] * (1 + len(prompt_ids)) + full_ids[len(prompt_ids):] + [eos]
+            out.input_ids += [bos, *prompt_ids, *answer_ids, eos]
+            out.labels += [IGNORE_INDEX] * (1 + len(prompt_ids)) + answer_ids + [eos]
             out.turn_spans.append((start, len(out.input_ids)))
         if has_tail:
             tail_ids = token_lists[cursor]

@@ -176,3 +176,25 @@ def test_text_encoder_of_an_autotokenizer_is_sentencepiece(hf_tokenizer):
     from llama2_sft.data.chat import SentencePieceEncoder
 
     assert isinstance(text_encoder(hf_tokenizer), SentencePieceEncoder)
+
+
+def test_split_encoding_equals_whole_pair_encoding_on_every_bundled_and_realistic_dialog(hf_tokenizer):
+    """The fast path encodes each prompt once; it must give the ids of encoding each whole pair string."""
+    import sys
+
+    from llama2_sft.data.chat import text_encoder
+    from llama2_sft.data.sources import row_to_messages
+
+    assert text_encoder(hf_tokenizer).splits_at_spaces  # the fast path is really taken for Llama-style models
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    sys.path.insert(0, os.path.join(repo, "experiments"))
+    from realistic_rows import generate
+
+    rows = [json.loads(line) for name in ("train.jsonl", "eval.jsonl")
+            for line in open(os.path.join(repo, "data", name), encoding="utf-8")]
+    rows += generate(300, seed=5)
+    dialogs = [m for m in (row_to_messages(r, DEFAULT_SYSTEM_PROMPT)[0] for r in rows) if m]
+    dialogs += [dialog[:-1] for dialog in dialogs[:200]]  # generation prompts too
+    fast, exact = encode_dialogs(hf_tokenizer, dialogs), encode_dialogs(hf_tokenizer, dialogs, exact=True)
+    for a, b in zip(fast, exact):
+        assert (a.input_ids, a.labels, a.turn_spans) == (b.input_ids, b.labels, b.turn_spans)
