@@ -92,8 +92,16 @@ def chat_reply(model: torch.nn.Module, tokenizer: Any, messages: Sequence[dict],
         kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if on_text is not None:
-        kwargs["streamer"] = TextStream(tokenizer, on_text, skip_ids=len(prompt))
+    # The reply is the text as streamed (pieces are emitted once whole UTF-8 characters exist), so a streamed and a
+    # non-streamed answer to the same request are the same string, even for invalid byte sequences.
+    pieces: list[str] = []
+
+    def collect(piece: str) -> None:
+        pieces.append(piece)
+        if on_text is not None:
+            on_text(piece)
+
+    kwargs["streamer"] = TextStream(tokenizer, collect, skip_ids=len(prompt))
     input_ids = torch.tensor([prompt], device=device)
     with torch.no_grad():
         output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
@@ -101,6 +109,6 @@ def chat_reply(model: torch.nn.Module, tokenizer: Any, messages: Sequence[dict],
     finished = tokenizer.eos_token_id in new_ids
     if finished:
         new_ids = new_ids[: new_ids.index(tokenizer.eos_token_id)]
-    text = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+    text = "".join(pieces).strip()
     return {"text": text, "prompt_tokens": len(prompt), "completion_tokens": len(new_ids),
             "finish_reason": "stop" if finished else "length"}
