@@ -20,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from llama2_sft.config import register_configs, validate
+from llama2_sft.config import preflight, register_configs, validate
 from llama2_sft.distributed import destroy_distributed, init_distributed, rank_from_env
 
 log = logging.getLogger("train")
@@ -42,6 +42,7 @@ def main(cfg: DictConfig) -> dict:
     validate(cfg)  # bad keys and impossible values fail here, before any heavy work
     ctx = init_distributed()
     try:
+        preflight(cfg, ctx.device)  # needs the model's config / the device; still before data and weights
         # Seed every RNG identically on all ranks: the model init and data order must not depend on the rank.
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)

@@ -5,6 +5,7 @@ are checked by binding their keys to the target's signature (`validate`), at sta
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -170,3 +171,25 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError("model.tokenizer must be set for a random-init model (model.name_or_path is null)")
     bind_target(cfg.strategy, "strategy")
     bind_target(cfg.optimizer, "optimizer", skip=("params",))
+    if "deepspeed" in str(cfg.strategy._target_).lower() and importlib.util.find_spec("deepspeed") is None:
+        raise ValueError(f"strategy._target_={cfg.strategy._target_} needs DeepSpeed, which is not installed: "
+                         "pip install 'llama2_sft[deepspeed]' or choose strategy=fsdp")
+
+
+def preflight(cfg: DictConfig, device: Any) -> None:
+    """Checks that need the model's config or the device, still before any heavy work (naming the keys)."""
+    import torch
+
+    if cfg.precision == "bf16" and getattr(device, "type", "cpu") == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 support: use precision=fp32")
+    if cfg.model.name_or_path:
+        from transformers import AutoConfig
+
+        try:
+            positions = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision).max_position_embeddings
+        except Exception as error:  # noqa: BLE001 - the message names the key and the cause
+            raise ValueError(f"model.name_or_path={cfg.model.name_or_path!r}: cannot read its config: {error}") from error
+    else:
+        positions = cfg.model.arch.get("max_position_embeddings", 2048)
+    if cfg.dataset.max_length > positions:
+        raise ValueError(f"dataset.max_length={cfg.dataset.max_length} exceeds the model's max_position_embeddings={positions}")

@@ -89,3 +89,30 @@ def test_slurm_launcher_config_is_in_the_repo():
     path = os.path.join(CONF_DIR, "hydra", "launcher", "slurm.yaml")
     text = open(path).read()
     assert "submitit_slurm" in text and "tasks_per_node" in text
+
+
+def test_max_length_beyond_the_models_positions_fails_before_any_heavy_work(tiny_checkpoint):
+    from llama2_sft.config import preflight
+
+    cfg = compose([f"model.name_or_path={tiny_checkpoint}", "model.arch=null", "dataset.max_length=4096"])
+    with pytest.raises(ValueError, match=r"dataset\.max_length=4096 exceeds the model's max_position_embeddings=256"):
+        preflight(cfg, None)
+    with pytest.raises(ValueError, match=r"dataset\.max_length=1024 exceeds"):
+        preflight(compose(["dataset.max_length=1024"]), None)  # the tiny random-init arch has 256 positions
+    preflight(compose(), None)
+
+
+def test_a_missing_model_path_is_named(tmp_path):
+    from llama2_sft.config import preflight
+
+    with pytest.raises(ValueError, match="model.name_or_path"):
+        preflight(compose([f"model.name_or_path={tmp_path}/nope", "model.arch=null"]), None)
+
+
+def test_deepspeed_strategy_without_deepspeed_installed_fails_at_validation(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(ValueError, match="needs DeepSpeed"):
+        validate(compose(["strategy=deepspeed_zero3"]))
