@@ -1,4 +1,4 @@
-# Training image (CUDA). Build from the repo root:  docker build -f docker/Dockerfile.train -t llama2_sft:train .
+# Training image (CUDA). Build from the repo root:  docker build -f Dockerfile -t llama2_sft:train .
 # Run (8 GPUs):  docker run --gpus all --ipc=host -v $PWD/outputs:/app/outputs -v $HOME/.cache/huggingface:/root/.cache/huggingface \
 #                  llama2_sft:train torchrun --nproc_per_node=8 train.py +experiment=sft_7b
 FROM pytorch/pytorch:2.6.0-cuda12.4-cudnn9-devel
