@@ -124,8 +124,14 @@ def save_checkpoint(strategy: Any, ctx: DistContext, output_dir: str, step: int,
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
-    strategy.save(tmp)
-    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{ctx.rank}.pt"))
+    try:
+        strategy.save(tmp)
+        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{ctx.rank}.pt"))
+    except OSError as error:  # disk full, quota, I/O error: keep what we had, say so, stop
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(output_dir)
+        raise RuntimeError(f"writing checkpoint {final} failed on rank {ctx.rank}: {error}. Nothing was replaced: "
+                           f"the latest complete checkpoint is still {previous}") from error
     barrier()
     if ctx.is_main:
         state = dict(trainer_state, step=step, world_size=ctx.world_size)

@@ -95,3 +95,22 @@ def test_norms_and_biases_are_excluded_from_weight_decay():
     assert decayed == {id(model[0].weight)} and groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
     optimizer = build_adamw(model.named_parameters(), lr=1e-3, weight_decay=0.1)
     assert len(optimizer.param_groups) == 2 and optimizer.defaults["foreach"] is True
+
+
+def test_a_failing_checkpoint_write_keeps_the_previous_checkpoint_and_says_so(tmp_path):
+    from llama2_sft.checkpoint import save_checkpoint
+    from llama2_sft.distributed import DistContext
+
+    previous = make_ckpt(tmp_path, 2)
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000002\n")
+
+    class DiskFull:
+        def save(self, directory):
+            with open(os.path.join(directory, "shard"), "w") as handle:
+                handle.write("partial")
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(RuntimeError, match=r"No space left on device.*still .*step_00000002"):
+        save_checkpoint(DiskFull(), DistContext(), str(tmp_path), 4, {}, "", None, None, keep=1)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step_00000002"]
+    assert latest_checkpoint(str(tmp_path)) == str(previous)
