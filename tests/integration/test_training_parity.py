@@ -27,7 +27,7 @@ def workdir(tmp_path_factory, tiny_checkpoint):
     with open(os.path.join(REPO, "data", "train.jsonl"), encoding="utf-8") as handle:
         lines = [next(handle) for _ in range(64)]
     (root / "rows.jsonl").write_text("".join(lines), encoding="utf-8")
-    (root / "rows8.jsonl").write_text("".join(lines[:8]), encoding="utf-8")
+    (root / "rows4.jsonl").write_text("".join(lines[:4]), encoding="utf-8")
     return root
 
 
@@ -72,14 +72,26 @@ def assert_same_losses(a: dict, b: dict, rel=REL):
         assert b[step] == pytest.approx(a[step], rel=rel), f"step {step}: {a[step]} vs {b[step]}"
 
 
-def test_single_fsdp_and_zero3_give_the_same_losses_at_the_same_global_batch(workdir, tiny_checkpoint):
-    single, _ = run_train(workdir, tiny_checkpoint, "single", ["trainer.micro_batch_size=4"])
-    fsdp, _ = run_train(workdir, tiny_checkpoint, "fsdp", ["strategy=fsdp", "trainer.micro_batch_size=2"], nproc=2)
-    zero3, _ = run_train(workdir, tiny_checkpoint, "zero3", ["strategy=deepspeed_zero3", "trainer.micro_batch_size=2"], nproc=2)
-    reference = losses(single)
-    assert len(set(reference.values())) == 4  # the model is learning: each step differs
-    assert_same_losses(reference, losses(fsdp))
-    assert_same_losses(reference, losses(zero3))
+STRATEGIES = [("single", 1), ("fsdp", 2), ("deepspeed_zero3", 2)]
+
+
+def strategy_args(strategy, nproc):
+    """Global batch 4 packed rows, 6 steps, a checkpoint every 3."""
+    return [f"strategy={strategy}", f"trainer.micro_batch_size={4 // nproc}", "trainer.max_steps=6",
+            "trainer.save_steps=3", "dataset.packing=true", "trainer.save_total_limit=1"]
+
+
+@pytest.fixture(scope="module")
+def straight_runs(workdir, tiny_checkpoint):
+    """Uninterrupted runs of each strategy at the same global batch."""
+    return {s: run_train(workdir, tiny_checkpoint, f"straight-{s}", strategy_args(s, n), nproc=n)[0] for s, n in STRATEGIES}
+
+
+def test_single_fsdp_and_zero3_give_the_same_losses_at_the_same_global_batch(straight_runs):
+    reference = losses(straight_runs["single"])
+    assert len(set(reference.values())) == 6  # the model is learning: each step differs
+    assert_same_losses(reference, losses(straight_runs["fsdp"]))
+    assert_same_losses(reference, losses(straight_runs["deepspeed_zero3"]))
 
 
 def test_gradient_accumulation_split_does_not_change_losses(workdir, tiny_checkpoint):
@@ -89,23 +101,27 @@ def test_gradient_accumulation_split_does_not_change_losses(workdir, tiny_checkp
 
 
 def test_packed_and_padded_batches_of_the_same_samples_give_the_same_losses(workdir, tiny_checkpoint):
-    # 8 short samples: padded, one global batch of 8 samples; packed into max_length 2048, one row holding all 8.
-    padded, _ = run_train(workdir, tiny_checkpoint, "padded8", ["trainer.micro_batch_size=8"], rows="rows8.jsonl")
-    packed, _ = run_train(workdir, tiny_checkpoint, "packed8", ["trainer.micro_batch_size=1", "dataset.packing=true",
-                                                                "dataset.max_length=2048"], rows="rows8.jsonl")
+    # 4 short samples: padded, one global batch of 4 samples; packed, one row of <= 256 tokens holding all 4
+    # (if they did not fit one row, steps would alternate between rows and the losses would differ).
+    padded, _ = run_train(workdir, tiny_checkpoint, "padded4", ["trainer.micro_batch_size=4"], rows="rows4.jsonl")
+    packed, _ = run_train(workdir, tiny_checkpoint, "packed4", ["trainer.micro_batch_size=1", "dataset.packing=true"],
+                          rows="rows4.jsonl")
+    with open(os.path.join(packed, "metrics.jsonl")) as handle:
+        first = next(json.loads(line) for line in handle if '"loss"' in line)
+    with open(os.path.join(padded, "metrics.jsonl")) as handle:
+        assert first["num_tokens"] == next(json.loads(line) for line in handle if '"loss"' in line)["num_tokens"]
     assert_same_losses(losses(padded), losses(packed))
 
 
-@pytest.mark.parametrize("strategy, nproc", [("single", 1), ("fsdp", 2), ("deepspeed_zero3", 2)])
-def test_resumed_run_continues_with_the_same_losses_as_an_uninterrupted_run(workdir, tiny_checkpoint, strategy, nproc):
-    common = [f"strategy={strategy}", f"trainer.micro_batch_size={4 // nproc}", "trainer.max_steps=6",
-              "trainer.save_steps=3", "dataset.packing=true", "trainer.save_total_limit=1"]
-    straight, _ = run_train(workdir, tiny_checkpoint, f"straight-{strategy}", common, nproc=nproc)
+@pytest.mark.parametrize("strategy, nproc", STRATEGIES)
+def test_resumed_run_continues_with_the_same_losses_as_an_uninterrupted_run(workdir, tiny_checkpoint, straight_runs,
+                                                                             strategy, nproc):
+    common = strategy_args(strategy, nproc)
     stopped, _ = run_train(workdir, tiny_checkpoint, f"resumed-{strategy}", [*common, "trainer.stop_after_steps=3"], nproc=nproc)
     assert sorted(losses(stopped)) == [1, 2, 3]
     resumed, done = run_train(workdir, tiny_checkpoint, f"resumed-{strategy}", common, nproc=nproc)
     assert "resumed from" in done.stderr + done.stdout
-    assert losses(resumed) == losses(straight)  # exactly: same batches, same RNG, same optimizer state
+    assert losses(resumed) == losses(straight_runs[strategy])  # exactly: same batches, same RNG, same optimizer state
 
 
 def test_a_half_written_checkpoint_is_never_loaded(workdir, tiny_checkpoint):
