@@ -62,7 +62,7 @@ def main(cfg: DictConfig) -> dict:
 
         # Model + optimizer, placed by the strategy (single / ddp / fsdp / deepspeed).
         factory = ModelFactory(
-            build_full=lambda device: build_model(cfg.model, tokenizer, "fp32" if cfg.strategy._target_.endswith(("FSDPStrategy", "SingleDeviceStrategy", "DDPStrategy")) else cfg.precision, device, cfg.seed),
+            build_full=lambda device, precision: build_model(cfg.model, tokenizer, precision, device, cfg.seed),
             build_meta=lambda: build_meta_model(cfg.model, tokenizer, "fp32"),
             build_optimizer=lambda named_params: instantiate(cfg.optimizer, params=named_params, _convert_="all"),
             precision=cfg.precision,

@@ -16,7 +16,8 @@ from llama2_sft.distributed import DistContext
 class ModelFactory:
     """What a strategy needs to build the model its own way (full copy, meta + broadcast, ZeRO-3 partitioned)."""
 
-    build_full: Callable[[torch.device | str], torch.nn.Module]  # loaded / seeded weights on a device
+    # loaded / seeded weights on a device, stored in a dtype ("fp32" master weights for torch strategies)
+    build_full: Callable[[torch.device | str, str], torch.nn.Module]
     build_meta: Callable[[], torch.nn.Module]  # the architecture without storage
     build_optimizer: Callable[[Any], torch.optim.Optimizer]  # named parameters -> optimizer
     precision: str  # fp32 | bf16

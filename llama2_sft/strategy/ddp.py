@@ -21,7 +21,7 @@ class DDPStrategy(SingleDeviceStrategy):
     def setup(self, ctx: DistContext, factory: ModelFactory) -> None:
         self.ctx = ctx
         self.precision = factory.precision
-        model = factory.build_full(ctx.device)
+        model = factory.build_full(ctx.device, "fp32")
         if factory.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         model.train()

@@ -98,7 +98,7 @@ class DeepSpeedStrategy(Strategy):
             from transformers.integrations import HfDeepSpeedConfig
 
             hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # noqa: F841 - must stay alive through build
-        model = factory.build_full(ctx.device)
+        model = factory.build_full(ctx.device, factory.precision)  # DeepSpeed keeps its own fp32 master copy
         if factory.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         optimizer = factory.build_optimizer(model.named_parameters())

@@ -32,7 +32,7 @@ class FSDPStrategy(TorchStrategy):
         self.ctx = ctx
         distributed = dist.is_available() and dist.is_initialized()
         if ctx.rank == 0 or not distributed:
-            model = factory.build_full("cpu")  # fp32 master weights
+            model = factory.build_full("cpu", "fp32")  # fp32 master weights, sharded below
             full_state = model.state_dict()
         else:
             model = factory.build_meta()

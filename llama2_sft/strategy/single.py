@@ -21,7 +21,7 @@ class SingleDeviceStrategy(TorchStrategy):
             raise ValueError(f"strategy=single cannot run on {ctx.world_size} ranks: choose strategy=ddp, fsdp or deepspeed_zero*")
         self.ctx = ctx
         self.precision = factory.precision
-        self.model = factory.build_full(ctx.device)
+        self.model = factory.build_full(ctx.device, "fp32")  # fp32 weights; bf16 compute under autocast
         if factory.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         self.model.train()

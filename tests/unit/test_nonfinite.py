@@ -21,7 +21,7 @@ def make_trainer(hf_tokenizer, on_nan):
                    "model.arch.intermediate_size=64", "model.arch.num_hidden_layers=1", "model.arch.num_attention_heads=2",
                    "model.arch.num_key_value_heads=2"])
     ctx = DistContext()
-    factory = ModelFactory(build_full=lambda device: build_model(cfg.model, hf_tokenizer, "fp32", device, 0),
+    factory = ModelFactory(build_full=lambda device, precision: build_model(cfg.model, hf_tokenizer, precision, device, 0),
                            build_meta=None, build_optimizer=lambda p: instantiate(cfg.optimizer, params=p, _convert_="all"),
                            precision="fp32", config=cfg)
     strategy = instantiate(cfg.strategy)
