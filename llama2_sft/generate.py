@@ -9,9 +9,13 @@ from typing import Any, Callable, Sequence
 import torch
 
 
+# Below this, logits / temperature overflows to inf and sampling turns into NaN probabilities: decode greedily.
+MIN_TEMPERATURE = 1e-4
+
+
 @dataclass
 class SamplingConfig:
-    """Generation settings; temperature 0 means greedy."""
+    """Generation settings; temperature 0 (or below MIN_TEMPERATURE) means greedy."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -33,7 +37,7 @@ def generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, pa
         attention_mask[row, width - len(prompt):] = 1
     kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True,
                   repetition_penalty=sampling.repetition_penalty)
-    if sampling.temperature > 0:
+    if sampling.temperature >= MIN_TEMPERATURE:
         kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -88,7 +92,7 @@ def chat_reply(model: torch.nn.Module, tokenizer: Any, messages: Sequence[dict],
     kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                   eos_token_id=tokenizer.eos_token_id, use_cache=True,
                                   repetition_penalty=sampling.repetition_penalty)
-    if sampling.temperature > 0:
+    if sampling.temperature >= MIN_TEMPERATURE:
         kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
