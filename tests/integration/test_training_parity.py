@@ -150,3 +150,22 @@ def test_wandb_logs_offline_without_network_and_a_resumed_run_keeps_its_run_id(w
     assert len(run_dirs) == 2 and len({d.rsplit("-", 1)[1] for d in run_dirs}) == 1
     with open(out / "checkpoints" / "step_00000004" / "trainer_state.json") as handle:
         assert json.load(handle)["wandb_run_id"] == run_dirs[0].rsplit("-", 1)[1]
+
+
+def test_two_nodes_of_one_process_over_c10d_rendezvous_match_the_single_process_losses(workdir, tiny_checkpoint, straight_runs):
+    """Multi-node as documented: two torchrun 'nodes' on localhost, one process each, c10d rendezvous."""
+    output_dir = workdir / "two-nodes"
+    port = free_port()
+    args = [f"output_dir={output_dir}", f"model.name_or_path={tiny_checkpoint}", "model.tokenizer=null", "model.arch=null",
+            f"dataset.source={workdir / 'rows.jsonl'}", "dataset.eval_source=null", "dataset.eval_fraction=0",
+            "dataset.max_length=256", f"dataset.cache_dir={workdir / 'cache'}", "trainer.eval_steps=0",
+            "trainer.accuracy_samples=0", "trainer.generate_samples=0", "trainer.log_steps=1",
+            "scheduler.warmup_ratio=0", "optimizer.lr=1e-3", *strategy_args("fsdp", 2)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=parity",
+                               "train.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(o[-3000:] for o in outputs)
+    assert_same_losses(losses(straight_runs["single"]), losses(output_dir))
