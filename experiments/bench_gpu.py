@@ -428,9 +428,12 @@ def bench_shape(shape: str, precision: str, variants: list[Variant], args, devic
                 block = run_block(bench, variant, batches, args.warmup + (args.first_warmup_extra if first else 0),
                                   args.steps, cursor)
             except Exception as error:  # noqa: BLE001
-                if not is_oom(error):
-                    raise
-                failed[variant.name] = "OOM: " + str(error).splitlines()[0][:200]
+                if is_oom(error):
+                    failed[variant.name] = "OOM: " + str(error).splitlines()[0][:200]
+                else:
+                    if args.strict:
+                        raise
+                    failed[variant.name] = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
                 bench.optimizer.zero_grad(set_to_none=True)
                 for module in bench.module.modules():  # FSDP2 modules left unsharded by the failed step
                     if hasattr(module, "reshard"):
@@ -438,7 +441,7 @@ def bench_shape(shape: str, precision: str, variants: list[Variant], args, devic
                             module.reshard()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-                log(f"  {shape} {precision} {variant.name}: OOM")
+                log(f"  {shape} {precision} {variant.name}: {failed[variant.name]}")
                 continue
             blocks[variant.name].append(block)
             times = [r["seconds"] for r in block["timed"]]
@@ -597,6 +600,9 @@ def write_png(path: Path, out: dict) -> None:
         if any(mem):
             ax.axvline(H200_MEMORY_GB, color="red", ls="--", lw=1, label="H200 141 GB")
             ax.legend(fontsize=8)
+        else:
+            ax.set_xlim(0, 1)
+            ax.text(0.5, 0.5, "n/a on CPU", transform=ax.transAxes, ha="center", va="center", color="gray")
         ax.invert_yaxis()
         ax.set_xlabel("peak allocated GB" + (" (n/a on CPU)" if not any(mem) else ""))
         ax.set_title(f"{res['shape']} ({res['precision']}) peak memory")
@@ -626,16 +632,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the peak (default: by device name)")
     parser.add_argument("--allow-no-ac-7b", action="store_true", help="also try the 7B fsdp step without checkpointing")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--strict", action="store_true", help="raise on a variant's non-OOM error instead of recording it")
     parser.add_argument("--out", default=str(HERE / "bench_gpu"), help="output prefix (.md / .json / .png)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    shapes = (args.shape or ("7b,1.3b" if device.type == "cuda" else "tiny")).split(",")
+    shapes = (args.shape or ("1.3b,7b" if device.type == "cuda" else "tiny")).split(",")
     for shape in shapes:
         if shape not in PRESETS:
             raise SystemExit(f"unknown shape {shape!r}: {', '.join(PRESETS)}")
@@ -661,12 +670,27 @@ def main(argv: list[str] | None = None) -> int:
     precisions = args.precision.split(",")
     notes = []
     results = []
+    prefix = Path(args.out)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    command = "python experiments/bench_gpu.py" + ("" if not argv and len(sys.argv) <= 1 else " " + " ".join(argv if argv is not None else sys.argv[1:]))
     with one_rank_group(device) if "fsdp" in precisions else contextlib.nullcontext():
         for shape in shapes:
             for precision in precisions:
                 print(f"{shape} {precision}: {len(variants)} variants", flush=True)
-                res = bench_shape(shape, precision, variants, args, device)
+                try:
+                    res = bench_shape(shape, precision, variants, args, device)
+                except Exception as error:  # noqa: BLE001 - record it, go on with the next shape (one GPU session is precious)
+                    import traceback
+
+                    res = {"shape": shape, "precision": precision, "skipped": {}, "variants": {},
+                           "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}",
+                           "traceback": traceback.format_exc()[-4000:]}
+                    print(res["traceback"], file=sys.stderr, flush=True)
+                finally:
+                    release(device)
                 results.append(res)
+                # partial results after every shape: a later failure or timeout still leaves a table
+                write_outputs(prefix, command, args, device, results, notes, started, final=False)
     fa = flash_attn_status(device)
     if fa:
         notes.append(f"flash-attention variants skipped: {fa}.")
@@ -679,17 +703,34 @@ def main(argv: list[str] | None = None) -> int:
                  "attention savings of packing are not counted.")
     notes.append("`CE fused chunks` is implemented in this benchmark (chunked LM head + cross-entropy under "
                  "checkpointing); the package's loop uses `summed_cross_entropy` over full logits (`CE ours`).")
-    out = {"command": "python experiments/bench_gpu.py" + ("" if not argv and len(sys.argv) <= 1 else " " + " ".join(argv if argv is not None else sys.argv[1:])),
-           "args": vars(args), "machine": machine_info(device), "results": results, "notes": notes,
-           "runtime_s": time.perf_counter() - started,
-           "sanity": {"7b_params": param_count("7b"), "7b_flops_per_token_4096": shape_flops_per_token("7b", 4096)}}
-    prefix = Path(args.out)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    prefix.with_suffix(".json").write_text(json.dumps(out, indent=1, default=str))
-    write_png(prefix.with_suffix(".png"), out)
-    write_markdown(prefix.with_suffix(".md"), out)
+    write_outputs(prefix, command, args, device, results, notes, started, final=True)
     print(prefix.with_suffix(".md").read_text())
     return 0
+
+
+def release(device: torch.device) -> None:
+    """Free what a finished shape left behind (compiled graphs hold module references)."""
+    import gc
+
+    with contextlib.suppress(Exception):
+        import torch._dynamo as dynamo
+
+        dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def write_outputs(prefix: Path, command: str, args, device: torch.device, results: list, notes: list, started: float,
+                  final: bool) -> None:
+    out = {"command": command, "args": vars(args), "machine": machine_info(device), "results": results,
+           "notes": notes if final else notes + ["partial results: the run had not finished when this was written"],
+           "runtime_s": time.perf_counter() - started, "complete": final,
+           "sanity": {"7b_params": param_count("7b"), "7b_flops_per_token_4096": shape_flops_per_token("7b", 4096)}}
+    prefix.with_suffix(".json").write_text(json.dumps(out, indent=1, default=str))
+    write_markdown(prefix.with_suffix(".md"), out)
+    with contextlib.suppress(Exception):  # the plot is a convenience; never lose the table over it
+        write_png(prefix.with_suffix(".png"), out)
 
 
 if __name__ == "__main__":

@@ -36,9 +36,7 @@ Results next to this script: bench_train.md, bench_train.png, bench_train.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
-import io
 import json
 import os
 import platform
@@ -399,6 +397,14 @@ class Bench:
             self.data_path = str(self.work / "rows.jsonl")
             realistic_rows.write_jsonl(realistic_rows.generate(args.realistic_rows, 0), self.data_path)
         self.cache_dir = str(self.work / "tokens")
+        self.results_path = self.work / "results.jsonl"  # every finished run, appended (for --reuse after a crash)
+        self.reused: dict[str, dict] = {}
+        if args.reuse:
+            with open(args.reuse) as handle:
+                for line in handle:
+                    if line.strip():
+                        item = json.loads(line)
+                        self.reused[item["key"]] = item["result"]
         self.common = common_overrides(args.data, self.data_path, self.cache_dir, args.max_length)
         self.counter = 0
 
@@ -525,7 +531,18 @@ class Bench:
             path = run_dir / "torch_profile.txt"
             result["torch_profile"] = path.read_text() if path.exists() else None
         if not self.args.keep:
-            shutil.rmtree(run_dir / "out", ignore_errors=True)
+            shutil.rmtree(run_dir / "out" / "checkpoints", ignore_errors=True)
+        return result
+
+    def run_or_reuse(self, key: str, *args, **kwargs) -> dict:
+        """`run`, unless a --reuse file holds this run already; every result is appended to results.jsonl."""
+        if key in self.reused:
+            result = self.reused[key]
+            result["reused"] = True
+        else:
+            result = self.run(*args, **kwargs)
+        with open(self.results_path, "a") as handle:
+            handle.write(json.dumps({"key": key, "result": result}, default=str) + "\n")
         return result
 
 
@@ -874,6 +891,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep run directories (under the temp dir)")
     parser.add_argument("--out", default=str(HERE / "bench_train"), help="output prefix (.md / .png / .json)")
     parser.add_argument("--render", metavar="JSON", help="only re-render .md / .png from a results JSON (no runs)")
+    parser.add_argument("--reuse", metavar="JSONL", help="results.jsonl of an interrupted run: its finished runs are reused")
     # worker mode (internal)
     parser.add_argument("--worker", choices=("ours", "reference"))
     parser.add_argument("--marks")
@@ -917,6 +935,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load_avg()
     bench = Bench(args)
     data = bench.prepare()
+    print(f"runs are appended to {bench.results_path} (rerun with --reuse PATH after a crash)", flush=True)
     print(f"data: {data['rows']} samples, mean {data['mean_len']:.1f} tokens, {data['samples_per_row']:.1f} samples per "
           f"packed row; plan {bench.plan}", flush=True)
     results = []
@@ -925,7 +944,7 @@ def main(argv: list[str] | None = None) -> int:
         methods = methods[rep % len(methods):] + methods[: rep % len(methods)]
         for shape in shapes:
             for method in methods:
-                result = bench.run(shape, method, steps[shape], warmups[shape])
+                result = bench.run_or_reuse(f"timing|{rep}|{shape}|{method}", shape, method, steps[shape], warmups[shape])
                 result["rep"] = rep
                 results.append(result)
                 r = result["rates"]
@@ -935,7 +954,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         for shape in shapes:
             for method in (m for m in METHODS if m != TUNED or args.tuned):
-                result = bench.run(shape, method, steps[shape], warmups[shape], profile=True)
+                result = bench.run_or_reuse(f"profile|{shape}|{method}", shape, method, steps[shape], warmups[shape], profile=True)
                 profiles[f"{shape}|{method}"] = {"cprofile": result["cprofile"], "torch_profile": result["torch_profile"],
                                                  "rates": result["rates"], "profiled_steps": result["profiled_steps"]}
                 print(f"profiled {shape} {method}", flush=True)
@@ -952,7 +971,8 @@ def main(argv: list[str] | None = None) -> int:
                    if args.data == "embedded" else f"{args.realistic_rows:,} rows from `experiments/realistic_rows.py` "
                    "(default_system none)")
     out = {
-        "command": "python experiments/bench_train.py" + ("" if argv == [] else " " + " ".join(argv)),
+        "command": " ".join(["python experiments/bench_train.py", *(a for i, a in enumerate(argv) if not (
+            a.startswith("--reuse") or (i > 0 and argv[i - 1] == "--reuse")))]),
         "args": vars(args), "shapes": shapes, "steps": steps, "warmups": warmups, "plan": bench.plan, "data": data,
         "data_description": description + f" tokenized by `prepare_dataset` with `data/tokenizer`, max_length {args.max_length}",
         "machine": machine_info(), "load_before": load_before, "load_after": load_avg(),

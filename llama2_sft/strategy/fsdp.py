@@ -31,6 +31,9 @@ class FSDPStrategy(TorchStrategy):
 
         self.ctx = ctx
         distributed = dist.is_available() and dist.is_initialized()
+        if not distributed:
+            raise ValueError("strategy=fsdp needs a process group: launch with torchrun (even --nproc_per_node=1), "
+                             "or use strategy=single for one process")
         if ctx.rank == 0 or not distributed:
             model = factory.build_full("cpu", "fp32")  # fp32 master weights, sharded below
             full_state = model.state_dict()
