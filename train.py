@@ -35,7 +35,7 @@ def main(cfg: DictConfig) -> dict:
     from llama2_sft.checkpoint import resolve_resume
     from llama2_sft.data.loader import BatchLayout, SFTLoader
     from llama2_sft.data.tokenize import prepare_dataset
-    from llama2_sft.model import build_meta_model, build_model, load_tokenizer, tokenizer_path
+    from llama2_sft.model import build_meta_model, build_model, load_tokenizer, prepare_for_training, tokenizer_path
     from llama2_sft.strategy import ModelFactory
     from llama2_sft.trainer import Trainer
 
@@ -66,7 +66,7 @@ def main(cfg: DictConfig) -> dict:
             build_meta=lambda: build_meta_model(cfg.model, tokenizer, "fp32"),
             build_optimizer=lambda named_params: instantiate(cfg.optimizer, params=named_params, _convert_="all"),
             precision=cfg.precision,
-            gradient_checkpointing=cfg.model.gradient_checkpointing,
+            prepare=lambda model: prepare_for_training(model, cfg.model, cfg.trainer),
             config=cfg,
         )
         strategy = instantiate(cfg.strategy)

@@ -40,6 +40,10 @@ class ModelConfig:
     revision: Optional[str] = None
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     gradient_checkpointing: bool = False
+    checkpoint_policy: str = "full"  # full (recompute whole layers) | selective (keep matmul/attention outputs)
+    checkpoint_every_n_layers: int = 1  # checkpoint every n-th decoder layer (1 = all)
+    compile: bool = False  # torch.compile each decoder layer
+    compile_backend: str = "inductor"
     arch: Optional[dict] = None  # LlamaConfig fields for a random init (tiny presets); vocab from the tokenizer
 
 
@@ -60,6 +64,8 @@ class TrainerConfig:
     accuracy_samples: int = 64  # held-out prompts scored by exact match at the end; 0 = skip
     max_new_tokens: int = 32
     on_nan: str = "stop"  # stop | skip
+    cross_entropy: str = "fused"  # fused (LM head + CE in chunks, logits never whole) | logits (model returns logits)
+    ce_chunk_size: int = 2048  # positions per chunk of the fused cross-entropy
     stop_after_steps: int = 0  # end this process after N more steps with a checkpoint (time-limited jobs); 0 = off
 
 
@@ -116,6 +122,8 @@ CHOICES = {
     "dataset.truncation": ("turns", "drop"),
     "scheduler.name": ("cosine", "linear", "constant"),
     "trainer.on_nan": ("stop", "skip"),
+    "trainer.cross_entropy": ("fused", "logits"),
+    "model.checkpoint_policy": ("full", "selective"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "logger.wandb.mode": ("auto", "online", "offline", "disabled"),
 }
@@ -158,7 +166,8 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ValueError(f"{key}={value!r}: expected one of {allowed}")
-    for key in ("trainer.micro_batch_size", "trainer.grad_accum_steps", "dataset.max_length", "trainer.eval_batch_size"):
+    for key in ("trainer.micro_batch_size", "trainer.grad_accum_steps", "dataset.max_length", "trainer.eval_batch_size",
+                "trainer.ce_chunk_size", "model.checkpoint_every_n_layers"):
         if OmegaConf.select(cfg, key) < 1:
             raise ValueError(f"{key}={OmegaConf.select(cfg, key)} must be >= 1")
     if cfg.trainer.max_steps < 1 and cfg.trainer.epochs <= 0:
@@ -182,6 +191,20 @@ def preflight(cfg: DictConfig, device: Any) -> None:
 
     if cfg.precision == "bf16" and getattr(device, "type", "cpu") == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 support: use precision=fp32")
+    device_type = getattr(device, "type", "cpu")
+    if cfg.model.attn_implementation == "flash_attention_2":
+        if device_type != "cuda":
+            raise ValueError(f"model.attn_implementation=flash_attention_2 needs a CUDA device (this run is on {device_type}): "
+                             "use sdpa")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("model.attn_implementation=flash_attention_2 but flash_attn is not installed: "
+                             "pip install flash-attn --no-build-isolation, or use sdpa")
+    if cfg.model.compile and cfg.model.compile_backend == "inductor" and device_type == "cpu":
+        import shutil
+
+        if not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
+            raise ValueError("model.compile=true with the inductor backend on CPU needs a C++ compiler (none on PATH): "
+                             "install one, set model.compile_backend=aot_eager, or model.compile=false")
     if cfg.model.name_or_path:
         from transformers import AutoConfig
 

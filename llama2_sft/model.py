@@ -1,5 +1,5 @@
-"""Model and tokenizer: load a Llama checkpoint or build a random one, in the training dtype, and the token-summed
-cross-entropy the loop normalises."""
+"""Model and tokenizer: load a Llama checkpoint or build a random one in the training dtype, and the training-time
+transforms (fused cross-entropy head, activation checkpointing, torch.compile) that `trainer`/`model` switch on."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from llama2_sft.data.chat import IGNORE_INDEX
+from llama2_sft.loss import forward_logits, install_fused_head, summed_cross_entropy  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -110,32 +109,60 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(layers)
 
 
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each decoder layer's activations in backward (non-reentrant: works with FSDP2 and ZeRO-3)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+def enable_activation_checkpointing(model: torch.nn.Module, policy: str = "full", every_n_layers: int = 1) -> None:
+    """Recompute decoder-layer activations in backward (non-reentrant: works with FSDP2, ZeRO-3 and compile).
+
+    policy `full` recomputes whole layers; `selective` keeps the outputs of the matmuls and of attention and
+    recomputes only the cheap ops between them (norms, rotary, SiLU, residual adds): most of the memory saving
+    at a fraction of the recompute. `every_n_layers` checkpoints every n-th layer only."""
+    kwargs: dict = {"use_reentrant": False}
+    if policy == "selective":
+        kwargs["context_fn"] = _selective_context
+    elif policy != "full":
+        raise ValueError(f"model.checkpoint_policy={policy!r}: expected full or selective")
+    if every_n_layers < 1:
+        raise ValueError(f"model.checkpoint_every_n_layers={every_n_layers}: expected >= 1")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
 
 
-def forward_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Logits [rows, width, vocab]. Packed rows pass reset position_ids (no attention mask, cache off), which the
-    attention implementations turn into a block-diagonal causal mask."""
-    kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    if "attention_mask" in batch and "seq_lens" not in batch:
-        kwargs["attention_mask"] = batch["attention_mask"]
-    return model(**kwargs).logits
+def _saved_ops() -> set:
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward")
+    return {getattr(aten, name).default for name in names if hasattr(aten, name)}
 
 
-def summed_cross_entropy(logits: torch.Tensor, target_ids: torch.Tensor, chunk_rows: int = 4096) -> torch.Tensor:
-    """Sum (not mean) of token cross-entropies over supervised targets, in fp32, a chunk of positions at a time
-    so the fp32 upcast of [tokens, vocab] logits never exists whole."""
-    flat_logits = logits.reshape(-1, logits.shape[-1])
-    flat_targets = target_ids.reshape(-1).to(flat_logits.device)
-    total = flat_logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, flat_logits.shape[0], chunk_rows):
-        total = total + F.cross_entropy(
-            flat_logits[start: start + chunk_rows].float(), flat_targets[start: start + chunk_rows],
-            ignore_index=IGNORE_INDEX, reduction="sum",
-        )
-    return total
+def _selective_context():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    saved = _saved_ops()
+
+    def policy(_ctx, op, *_args, **_kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor") -> None:
+    """`torch.compile` each decoder layer in place (parameter names and checkpoints unchanged). All layers share
+    one compiled graph: parameters are graph inputs."""
+    import torch._dynamo as dynamo
+
+    dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+    for layer in decoder_layers(model):
+        layer.compile(backend=backend)
+
+
+def prepare_for_training(model: torch.nn.Module, model_cfg: Any, trainer_cfg: Any) -> torch.nn.Module:
+    """The training-time transforms, in the order that composes (before any strategy wraps the model):
+    fused LM head + cross-entropy, activation checkpointing, torch.compile of the decoder layers."""
+    if trainer_cfg.cross_entropy == "fused":
+        install_fused_head(model, trainer_cfg.ce_chunk_size)
+    if model_cfg.gradient_checkpointing:
+        enable_activation_checkpointing(model, model_cfg.checkpoint_policy, model_cfg.checkpoint_every_n_layers)
+    if model_cfg.compile:
+        compile_decoder_layers(model, model_cfg.compile_backend)
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> int:

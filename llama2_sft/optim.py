@@ -9,6 +9,9 @@ from typing import Iterable, Sequence
 import torch
 
 
+FUSED_DEVICE_TYPES = ("cuda", "cpu", "xpu", "mps", "hpu")  # torch's fused AdamW kernels
+
+
 def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float, no_decay: Sequence[str]) -> list[dict]:
     """Split parameters into decayed and not decayed (names containing any of `no_decay`, and all 1-D tensors)."""
     decay, keep = [], []
@@ -33,11 +36,13 @@ def build_adamw(
     no_decay: Sequence[str] = ("bias", "norm"),
     fused: str | bool = "auto",
 ) -> torch.optim.AdamW:
-    """AdamW over named parameters: fused kernel on CUDA when available (`fused=auto`), else foreach."""
+    """AdamW over named parameters: the fused kernel wherever torch has one (`fused=auto`: CUDA and CPU among
+    others; 2.6x faster than foreach on CPU, see experiments/bench_train.md), else foreach. Same steps either way
+    (tests/unit/test_fast_paths.py)."""
     named = list(params)
     groups = param_groups(named, weight_decay, no_decay)
-    on_cuda = all(p.is_cuda for _, p in named) and bool(named)
-    use_fused = on_cuda if fused == "auto" else bool(fused)
+    fusable = bool(named) and all(p.device.type in FUSED_DEVICE_TYPES and p.is_floating_point() for _, p in named)
+    use_fused = fusable if fused == "auto" else bool(fused)
     kwargs = {"fused": True} if use_fused else {"foreach": True}
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **kwargs)
 

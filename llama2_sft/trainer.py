@@ -28,7 +28,8 @@ from llama2_sft.data.loader import SFTLoader, eval_batches
 from llama2_sft.distributed import DistContext, all_reduce_sum
 from llama2_sft.generate import SamplingConfig, generate_ids
 from llama2_sft.metrics import MetricsWriter, flops_per_token, peak_flops, peak_memory_gb
-from llama2_sft.model import count_parameters, forward_logits, summed_cross_entropy
+from llama2_sft.loss import FusedLMHead, batch_loss_sum
+from llama2_sft.model import count_parameters
 from llama2_sft.optim import lr_at, warmup_steps_for
 from llama2_sft.strategy.base import Strategy
 
@@ -82,6 +83,10 @@ class Trainer:
         self.wandb_run_id: str | None = None
         self.resumed_from: str | None = None
         model = strategy.unwrapped_model()
+        self.fused_loss = cfg.trainer.cross_entropy == "fused"
+        if self.fused_loss and not isinstance(model.get_output_embeddings(), FusedLMHead):
+            raise ValueError("trainer.cross_entropy=fused but the model has no fused head: build the strategy with a "
+                             "ModelFactory whose prepare is llama2_sft.model.prepare_for_training")
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.num_params = count_parameters(model) if not hasattr(strategy, "engine") else None
@@ -137,18 +142,18 @@ class Trainer:
         if global_supervised == 0:
             raise RuntimeError(f"step {self.step}: global batch has no supervised tokens")
         scale = self.ctx.world_size if strategy.averages_gradients_over_ranks else 1
-        local_loss_sum = 0.0
+        fused = self.fused_loss
+        local_loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         for index, batch in enumerate(micro_batches):
             is_last = index == len(micro_batches) - 1
             batch = _to_device(batch, device)
             with strategy.micro_step_context(is_last):
                 with strategy.forward_context():
-                    logits = forward_logits(strategy.model, batch)
-                loss_sum = summed_cross_entropy(logits, batch["target_ids"])
+                    loss_sum = batch_loss_sum(strategy.model, batch, fused)
                 strategy.backward(loss_sum * (scale / global_supervised), is_last)
-            local_loss_sum += float(loss_sum.detach())
-            del logits, loss_sum
-        (global_loss_sum,) = all_reduce_sum([local_loss_sum], device)
+            local_loss_sum = local_loss_sum + loss_sum.detach()  # stays on the device: one sync per step, below
+            del loss_sum
+        (global_loss_sum,) = all_reduce_sum([float(local_loss_sum)], device)
         loss = global_loss_sum / global_supervised
         grad_norm = strategy.clip_grad_norm(self.cfg.trainer.max_grad_norm)
         skipped = False
@@ -178,13 +183,13 @@ class Trainer:
         if self.cfg.trainer.eval_max_samples and len(dataset) > self.cfg.trainer.eval_max_samples:
             dataset = dataset.select(range(self.cfg.trainer.eval_max_samples))
         loss_sum, supervised = 0.0, 0
+        fused = self.fused_loss
         pad_id = self.tokenizer.pad_token_id
         with self.strategy.eval_mode():
             for batch in eval_batches(dataset, self.cfg.trainer.eval_batch_size, self.ctx.rank, self.ctx.world_size, pad_id):
                 batch = _to_device(batch, self.ctx.device)
                 with self.strategy.forward_context():
-                    logits = forward_logits(self.strategy.model, batch)
-                loss_sum += float(summed_cross_entropy(logits, batch["target_ids"]))
+                    loss_sum += float(batch_loss_sum(self.strategy.model, batch, fused))
                 supervised += int((batch["target_ids"] != IGNORE_INDEX).sum())
         total_loss, total_supervised = all_reduce_sum([loss_sum, supervised], self.ctx.device)
         return total_loss / max(total_supervised, 1)

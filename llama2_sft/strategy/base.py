@@ -21,7 +21,8 @@ class ModelFactory:
     build_meta: Callable[[], torch.nn.Module]  # the architecture without storage
     build_optimizer: Callable[[Any], torch.optim.Optimizer]  # named parameters -> optimizer
     precision: str  # fp32 | bf16
-    gradient_checkpointing: bool = False
+    # training-time transforms (fused CE head, activation checkpointing, compile), applied before wrapping
+    prepare: Callable[[torch.nn.Module], Any] = lambda model: model
     config: Any = None  # the resolved run config (DeepSpeed derives its JSON from it)
 
 

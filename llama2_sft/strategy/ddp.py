@@ -8,7 +8,6 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from llama2_sft.distributed import DistContext
-from llama2_sft.model import enable_gradient_checkpointing
 from llama2_sft.strategy.base import ModelFactory
 from llama2_sft.strategy.single import SingleDeviceStrategy
 
@@ -22,8 +21,7 @@ class DDPStrategy(SingleDeviceStrategy):
         self.ctx = ctx
         self.precision = factory.precision
         model = factory.build_full(ctx.device, "fp32")
-        if factory.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
+        factory.prepare(model)
         model.train()
         self._inner = model
         if ctx.world_size > 1:

@@ -11,7 +11,6 @@ from typing import Any
 import torch
 
 from llama2_sft.distributed import DistContext
-from llama2_sft.model import enable_gradient_checkpointing
 from llama2_sft.strategy.base import ModelFactory, Strategy
 
 
@@ -99,8 +98,7 @@ class DeepSpeedStrategy(Strategy):
 
             hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # noqa: F841 - must stay alive through build
         model = factory.build_full(ctx.device, factory.precision)  # DeepSpeed keeps its own fp32 master copy
-        if factory.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
+        factory.prepare(model)
         optimizer = factory.build_optimizer(model.named_parameters())
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
                                                           dist_init_required=False)

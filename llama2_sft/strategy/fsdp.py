@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from llama2_sft.distributed import DistContext
-from llama2_sft.model import decoder_layers, enable_gradient_checkpointing, reset_rotary_buffers
+from llama2_sft.model import decoder_layers, reset_rotary_buffers
 from llama2_sft.strategy.base import ModelFactory, TorchStrategy
 
 
@@ -40,8 +40,7 @@ class FSDPStrategy(TorchStrategy):
         else:
             model = factory.build_meta()
             full_state = {}
-        if factory.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
+        factory.prepare(model)
 
         mesh = init_device_mesh(ctx.device.type, (ctx.world_size,)) if distributed else None
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \

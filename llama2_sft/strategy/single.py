@@ -7,7 +7,6 @@ import contextlib
 import torch
 
 from llama2_sft.distributed import DistContext
-from llama2_sft.model import enable_gradient_checkpointing
 from llama2_sft.strategy.base import ModelFactory, TorchStrategy
 
 
@@ -22,8 +21,7 @@ class SingleDeviceStrategy(TorchStrategy):
         self.ctx = ctx
         self.precision = factory.precision
         self.model = factory.build_full(ctx.device, "fp32")  # fp32 weights; bf16 compute under autocast
-        if factory.gradient_checkpointing:
-            enable_gradient_checkpointing(self.model)
+        factory.prepare(self.model)
         self.model.train()
         self.optimizer = factory.build_optimizer(self.model.named_parameters())
 

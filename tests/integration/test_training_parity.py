@@ -94,6 +94,24 @@ def test_single_fsdp_and_zero3_give_the_same_losses_at_the_same_global_batch(str
     assert_same_losses(reference, losses(straight_runs["deepspeed_zero3"]))
 
 
+def test_every_fast_path_switched_on_or_off_gives_the_same_losses(workdir, tiny_checkpoint, straight_runs):
+    """Straight runs use the defaults (fused LM head + cross-entropy, fused AdamW). Against them: everything off
+    (logits + plain cross-entropy, foreach AdamW) and everything on (plus selective activation checkpointing and
+    torch.compile of the decoder layers); and the plain loss under FSDP2 on 2 ranks, where the fused head runs inside
+    the sharded root's forward."""
+    off, _ = run_train(workdir, tiny_checkpoint, "all-off", [*strategy_args("single", 1), "trainer.save_steps=0",
+                                                             "trainer.cross_entropy=logits", "optimizer.fused=false"])
+    on, _ = run_train(workdir, tiny_checkpoint, "all-on", [*strategy_args("single", 1), "trainer.save_steps=0",
+                                                           "model.gradient_checkpointing=true", "model.checkpoint_policy=selective",
+                                                           "model.compile=true", "trainer.ce_chunk_size=100"])
+    reference = losses(straight_runs["single"])
+    assert_same_losses(reference, losses(off))
+    assert_same_losses(reference, losses(on))
+    fsdp_plain, _ = run_train(workdir, tiny_checkpoint, "fsdp-logits", [*strategy_args("fsdp", 2), "trainer.save_steps=0",
+                                                                        "trainer.cross_entropy=logits"], nproc=2)
+    assert_same_losses(losses(straight_runs["fsdp"]), losses(fsdp_plain))
+
+
 def test_gradient_accumulation_split_does_not_change_losses(workdir, tiny_checkpoint):
     whole, _ = run_train(workdir, tiny_checkpoint, "mb4", ["trainer.micro_batch_size=4", "trainer.grad_accum_steps=1"])
     split, _ = run_train(workdir, tiny_checkpoint, "mb1x4", ["trainer.micro_batch_size=1", "trainer.grad_accum_steps=4"])

@@ -37,7 +37,8 @@ def test_sft_7b_states_the_reference_recipe():
     cfg = compose(["+experiment=sft_7b"])
     assert cfg.precision == "bf16" and cfg.tf32 is True
     assert cfg.strategy._target_.endswith("FSDPStrategy") and cfg.strategy.reshard_after_forward is True
-    assert cfg.model.gradient_checkpointing is True
+    assert cfg.model.gradient_checkpointing is True and cfg.model.checkpoint_policy == "full"
+    assert cfg.dataset.packing is True and cfg.trainer.cross_entropy == "fused"  # the fast paths are the default
     assert "Llama-2-7b" in cfg.model.name_or_path
     assert cfg.dataset.source == "LinkSoul/instruction_merge_set" and cfg.dataset.max_length == 4096
     assert cfg.optimizer.lr == 2e-5 and cfg.optimizer.weight_decay == 0.0
@@ -78,6 +79,10 @@ def test_wrong_type_fails_at_compose_time_naming_the_key():
         ("dataset.eval_fraction=1.5", "dataset.eval_fraction"),
         ("+strategy.reshard=true", "strategy.reshard"),
         ("+optimizer.momentum=0.9", "optimizer.momentum"),
+        ("trainer.cross_entropy=liger", "trainer.cross_entropy"),
+        ("model.checkpoint_policy=some", "model.checkpoint_policy"),
+        ("model.checkpoint_every_n_layers=0", "model.checkpoint_every_n_layers"),
+        ("trainer.ce_chunk_size=0", "trainer.ce_chunk_size"),
     ],
 )
 def test_invalid_values_fail_validation_naming_the_key(override, key):
@@ -100,6 +105,21 @@ def test_max_length_beyond_the_models_positions_fails_before_any_heavy_work(tiny
     with pytest.raises(ValueError, match=r"dataset\.max_length=1024 exceeds"):
         preflight(compose(["dataset.max_length=1024"]), None)  # the tiny random-init arch has 256 positions
     preflight(compose(), None)
+
+
+def test_fast_paths_the_device_cannot_run_fail_before_any_heavy_work(monkeypatch):
+    import shutil
+
+    import torch
+
+    from llama2_sft.config import preflight
+
+    with pytest.raises(ValueError, match=r"model\.attn_implementation=flash_attention_2 needs a CUDA device"):
+        preflight(compose(["model.attn_implementation=flash_attention_2"]), torch.device("cpu"))
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match=r"model\.compile=true .* needs a C\+\+ compiler"):
+        preflight(compose(["model.compile=true"]), torch.device("cpu"))
+    preflight(compose(["model.compile=true", "model.compile_backend=aot_eager"]), torch.device("cpu"))
 
 
 def test_a_missing_model_path_is_named(tmp_path):

@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 
 from llama2_sft.data.loader import BatchLayout, SFTLoader
 from llama2_sft.distributed import DistContext
-from llama2_sft.model import build_model
+from llama2_sft.model import build_model, prepare_for_training
 from llama2_sft.strategy import ModelFactory
 from llama2_sft.trainer import NonFiniteLossError, Trainer
 from tests.conftest import compose
@@ -23,7 +23,8 @@ def make_trainer(hf_tokenizer, on_nan):
     ctx = DistContext()
     factory = ModelFactory(build_full=lambda device, precision: build_model(cfg.model, hf_tokenizer, precision, device, 0),
                            build_meta=None, build_optimizer=lambda p: instantiate(cfg.optimizer, params=p, _convert_="all"),
-                           precision="fp32", config=cfg)
+                           precision="fp32", config=cfg,
+                           prepare=lambda model: prepare_for_training(model, cfg.model, cfg.trainer))
     strategy = instantiate(cfg.strategy)
     strategy.setup(ctx, factory)
     dataset = fake_dataset(np.full(16, 20))
