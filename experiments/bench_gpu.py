@@ -27,15 +27,19 @@ Variants (one factor at a time from the baseline, then the combination):
 
 * attention: `sdpa` (block-diagonal mask from position_ids) vs `flash_attention_2` (varlen; skipped with a note when
   `flash_attn` is not importable or the device is not CUDA);
-* activation checkpointing: `full` (every decoder layer, as `model.gradient_checkpointing=true`), `selective` (every
-  other layer), `none`;
+* activation checkpointing (`llama2_sft.model.enable_activation_checkpointing`): `full` (every decoder layer, as
+  `model.gradient_checkpointing=true`), `selective` (`model.checkpoint_policy=selective`: matmul and attention outputs
+  kept, the cheap ops between them recomputed), `alternate` (every other layer, `model.checkpoint_every_n_layers=2`),
+  `none`;
 * `torch.compile` of each decoder layer on / off (`--compile-backend`, inductor on CUDA; aot_eager on CPU by default);
-* cross-entropy: `ours` (`llama2_sft.model.summed_cross_entropy` over the model's logits, fp32 chunks of 4096
-  positions), `full` (plain `F.cross_entropy` over the whole fp32-upcast logits), `fused` (this benchmark's chunked
-  LM head + cross-entropy under checkpointing: the [tokens, vocab] logits never exist whole; not in the package).
+* cross-entropy: `logits` (`trainer.cross_entropy=logits`: the model's bf16 logits, then fp32 chunks of 4096
+  positions), `full` (plain `F.cross_entropy` over the whole fp32-upcast logits), `fused` (`trainer.cross_entropy=fused`,
+  the package default: `llama2_sft.loss.linear_cross_entropy`, LM head + loss in chunks of 2048 positions, gradients
+  computed in the same pass; the [tokens, vocab] logits never exist whole).
 
 MFU by the PaLM definition: tokens/s x (6 N + 12 L H Q T) / peak, N = all parameters, T = `--seq`, peak = 989
-TFLOP/s dense bf16 (H100 / H200; `llama2_sft.metrics.peak_flops`), or `--peak-tflops`. On CPU MFU is n/a.
+TFLOP/s dense bf16 (H100 / H200; `llama2_sft.metrics.peak_flops`), or `--peak-tflops`; computed by
+`llama2_sft.metrics.model_flops_utilization`, as the trainer's `mfu` in metrics.jsonl. On CPU MFU is n/a.
 
 Repetitions alternate over the variants (`--reps`, variants rotated each repetition); each block runs `--warmup`
 unmeasured steps then `--steps` timed steps; tables give medians. Results next to this script: bench_gpu.md,
@@ -51,6 +55,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -73,7 +78,9 @@ if str(ROOT) not in sys.path:
 from llama2_sft.data.chat import IGNORE_INDEX  # noqa: E402
 from llama2_sft.data.collate import collate_packed  # noqa: E402
 from llama2_sft.metrics import flops_per_token, peak_flops  # noqa: E402
-from llama2_sft.model import count_parameters, forward_logits, reset_rotary_buffers, summed_cross_entropy  # noqa: E402
+from llama2_sft.loss import linear_cross_entropy  # noqa: E402
+from llama2_sft.metrics import model_flops_utilization  # noqa: E402
+from llama2_sft.model import _selective_context, count_parameters, enable_activation_checkpointing, forward_logits, reset_rotary_buffers, summed_cross_entropy  # noqa: E402
 from llama2_sft.optim import build_adamw  # noqa: E402
 
 GOAL_MFU = 0.50
@@ -93,9 +100,9 @@ PRESETS = {
 class Variant:
     name: str
     attn: str = "sdpa"  # sdpa | flash_attention_2
-    ac: str = "full"  # full | selective | none
+    ac: str = "full"  # full | selective (op-level: keep matmul + attention outputs) | alternate (every 2nd layer) | none
     compile: bool = False
-    ce: str = "ours"  # ours | full | fused
+    ce: str = "logits"  # logits (model logits + fp32 chunked CE) | full (one fp32 upcast) | fused (package default)
 
     def describe(self) -> str:
         return f"attn={self.attn} ac={self.ac} compile={'on' if self.compile else 'off'} ce={self.ce}"
@@ -106,14 +113,15 @@ ALL_VARIANTS = [
     BASELINE,
     Variant("flash-attn varlen", attn="flash_attention_2"),
     Variant("selective AC", ac="selective"),
+    Variant("AC every 2nd layer", ac="alternate"),
     Variant("no AC", ac="none"),
     Variant("compile", compile=True),
     Variant("CE full logits", ce="full"),
-    Variant("CE fused chunks", ce="fused"),
+    Variant("CE fused", ce="fused"),
     Variant("combined sdpa", ac="selective", compile=True, ce="fused"),
     Variant("combined", attn="flash_attention_2", ac="selective", compile=True, ce="fused"),
 ]
-QUICK_NAMES = ("baseline", "flash-attn varlen", "selective AC", "compile", "CE fused chunks", "combined sdpa", "combined")
+QUICK_NAMES = ("baseline", "flash-attn varlen", "selective AC", "compile", "CE fused", "combined sdpa", "combined")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -189,30 +197,20 @@ class StepModule(torch.nn.Module):
     def __init__(self, lm: torch.nn.Module):
         super().__init__()
         self.lm = lm
-        self.ce = "ours"
-        self.fused_chunk = 1024
+        self.ce = "logits"
+        self.fused_chunk = 2048  # trainer.ce_chunk_size default
 
     def forward(self, batch: dict) -> torch.Tensor:
         targets = batch["target_ids"]
-        if self.ce == "fused":
+        if self.ce == "fused":  # the package's trainer.cross_entropy=fused, inside the FSDP root's forward
             hidden = self.lm.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                                    use_cache=False).last_hidden_state
-            hidden = hidden.reshape(-1, hidden.shape[-1])
-            flat = targets.reshape(-1)
-            total = hidden.new_zeros((), dtype=torch.float32)
-            for start in range(0, hidden.shape[0], self.fused_chunk):
-                total = total + torch.utils.checkpoint.checkpoint(
-                    self._head_loss, hidden[start: start + self.fused_chunk], flat[start: start + self.fused_chunk],
-                    use_reentrant=False)
-            return total
+            return linear_cross_entropy(hidden, self.lm.lm_head.weight, targets, self.fused_chunk)
         logits = forward_logits(self.lm, batch)
         if self.ce == "full":
             return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
         return summed_cross_entropy(logits, targets)
-
-    def _head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.lm.lm_head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def _layers(lm: torch.nn.Module) -> list[torch.nn.Module]:
@@ -263,10 +261,10 @@ class StepBench:
         with torch.device("meta"):
             lm = LlamaForCausalLM(config)
         lm.config.use_cache = False
-        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x name; sets the same per-layer flags
-            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(lm, "full")  # the per-layer flags and functions are switched per variant
+        self._full_ckpt = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        self._selective_ckpt = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False,
+                                                 context_fn=_selective_context)
         self.compiled: dict[int, object] = {}
         if want_compile:
             import torch._dynamo as dynamo
@@ -320,7 +318,8 @@ class StepBench:
         if variant.attn != self.config._attn_implementation:
             self.lm.set_attn_implementation(variant.attn)
         for index, layer in enumerate(_layers(self.lm)):
-            layer.gradient_checkpointing = variant.ac == "full" or (variant.ac == "selective" and index % 2 == 0)
+            layer.gradient_checkpointing = variant.ac in ("full", "selective") or (variant.ac == "alternate" and index % 2 == 0)
+            layer._gradient_checkpointing_func = self._selective_ckpt if variant.ac == "selective" else self._full_ckpt
             if variant.compile and not self.compiled:
                 raise RuntimeError("StepBench was built with want_compile=False")
             layer._compiled_call_impl = self.compiled.get(id(layer)) if variant.compile else None
@@ -462,7 +461,7 @@ def bench_shape(shape: str, precision: str, variants: list[Variant], args, devic
                 "step_seconds_median": step, "step_seconds_all": times, "block_medians": block_medians,
                 "tokens_per_step": tokens, "tokens_per_s": tokens / step,
                 "supervised_per_s": statistics.median(r["supervised"] for b in runs for r in b["timed"]) / step,
-                "mfu": (tokens / step * fpt / peak) if peak else None,
+                "mfu": model_flops_utilization(tokens / step, fpt, peak) if peak else None,
                 "peak_allocated_gb": max((b.get("peak_allocated_gb") or 0) for b in runs) if device.type == "cuda" else None,
                 "peak_reserved_gb": max((b.get("peak_reserved_gb") or 0) for b in runs) if device.type == "cuda" else None,
                 "losses": losses, "grad_norms": [r["grad_norm"] for b in runs for r in b["timed"]],
@@ -701,8 +700,8 @@ def main(argv: list[str] | None = None) -> int:
                      "(--compile-backend inductor to generate kernels).")
     notes.append("MFU counts 6N + 12·L·H·Q·T FLOPs per token (PaLM): activation recomputation and the block-diagonal "
                  "attention savings of packing are not counted.")
-    notes.append("`CE fused chunks` is implemented in this benchmark (chunked LM head + cross-entropy under "
-                 "checkpointing); the package's loop uses `summed_cross_entropy` over full logits (`CE ours`).")
+    notes.append("`CE fused` is the package's default loss (`trainer.cross_entropy=fused`); the baseline uses "
+                 "`trainer.cross_entropy=logits`.")
     write_outputs(prefix, command, args, device, results, notes, started, final=True)
     print(prefix.with_suffix(".md").read_text())
     return 0

@@ -66,6 +66,7 @@ class TrainerConfig:
     on_nan: str = "stop"  # stop | skip
     cross_entropy: str = "fused"  # fused (LM head + CE in chunks, logits never whole) | logits (model returns logits)
     ce_chunk_size: int = 2048  # positions per chunk of the fused cross-entropy
+    peak_tflops: Optional[float] = None  # one device's peak dense TFLOP/s for MFU; null = known GPUs (H100/H200 989)
     stop_after_steps: int = 0  # end this process after N more steps with a checkpoint (time-limited jobs); 0 = off
 
 

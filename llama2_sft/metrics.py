@@ -22,7 +22,17 @@ def flops_per_token(num_params: int, num_layers: int, num_heads: int, head_dim: 
     return 6 * num_params + 12 * num_layers * num_heads * head_dim * seq_len
 
 
-def peak_flops(device: torch.device) -> float | None:
+def model_flops_utilization(tokens_per_s: float, flops_per_token_: float, peak_flops_per_device: float,
+                            num_devices: int = 1) -> float:
+    """MFU: achieved model FLOP/s (tokens/s x training FLOPs per token) over the devices' peak. The trainer's
+    `mfu` in metrics.jsonl / W&B and experiments/bench_gpu.py both call this with `flops_per_token`."""
+    return tokens_per_s * flops_per_token_ / (peak_flops_per_device * num_devices)
+
+
+def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
+    """Peak dense bf16 FLOP/s of one device: `override_tflops` (trainer.peak_tflops) if set, else by GPU name."""
+    if override_tflops:
+        return float(override_tflops) * 1e12
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)

@@ -27,7 +27,7 @@ from llama2_sft.data.chat import IGNORE_INDEX
 from llama2_sft.data.loader import SFTLoader, eval_batches
 from llama2_sft.distributed import DistContext, all_reduce_sum
 from llama2_sft.generate import SamplingConfig, generate_ids
-from llama2_sft.metrics import MetricsWriter, flops_per_token, peak_flops, peak_memory_gb
+from llama2_sft.metrics import MetricsWriter, flops_per_token, model_flops_utilization, peak_flops, peak_memory_gb
 from llama2_sft.loss import FusedLMHead, batch_loss_sum
 from llama2_sft.model import count_parameters
 from llama2_sft.optim import lr_at, warmup_steps_for
@@ -171,7 +171,8 @@ class Trainer:
             strategy.optimizer_step()
             strategy.zero_grad()
             grad_norm = getattr(strategy, "last_grad_norm", grad_norm)
-        return {"loss": loss, "grad_norm": grad_norm, "num_tokens": int(global_tokens),
+        row_length = round(sum(mb["input_ids"].shape[1] for mb in micro_batches) / len(micro_batches))
+        return {"loss": loss, "grad_norm": grad_norm, "num_tokens": int(global_tokens), "row_length": row_length,
                 "num_supervised_tokens": int(global_supervised), "skipped": skipped}
 
     # --- eval ---------------------------------------------------------------------------------------------
@@ -232,7 +233,7 @@ class Trainer:
             from tqdm import tqdm
 
             progress = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
-        peak = peak_flops(ctx.device)
+        peak = peak_flops(ctx.device, trainer.peak_tflops)
         window_start, window_tokens = time.time(), 0
         last_saved = None
         stop_at = self.step + trainer.stop_after_steps if trainer.stop_after_steps > 0 else None
@@ -253,10 +254,12 @@ class Trainer:
             record = {"step": self.step, "loss": result["loss"], "lr": lr, "grad_norm": result["grad_norm"],
                       "num_tokens": result["num_tokens"], "num_supervised_tokens": result["num_supervised_tokens"],
                       "tokens_per_s": tokens_per_s, "step_seconds": step_seconds, "tokens_seen": self.tokens_seen,
+                      "row_length": result["row_length"],
                       "nan_skipped": self.nan_skipped, "peak_memory_gb": peak_memory_gb(ctx.device)}
             if peak and self.num_params:
-                seq = result["num_tokens"] / max(1, trainer.micro_batch_size * trainer.grad_accum_steps * ctx.world_size)
-                record["mfu"] = tokens_per_s * flops_per_token(self.num_params, *self._flops_args, int(seq)) / (peak * ctx.world_size)
+                # T of the PaLM formula: the row length (max_length when packing; the padded width otherwise)
+                record["mfu"] = model_flops_utilization(
+                    tokens_per_s, flops_per_token(self.num_params, *self._flops_args, result["row_length"]), peak, ctx.world_size)
             if self.step % trainer.log_steps == 0 or self.step == self.total_steps:
                 self.metrics.log(record)
             if progress is not None:

@@ -113,9 +113,27 @@ def test_every_fast_path_switched_on_or_off_gives_the_same_losses(workdir, tiny_
 
 
 def test_gradient_accumulation_split_does_not_change_losses(workdir, tiny_checkpoint):
-    whole, _ = run_train(workdir, tiny_checkpoint, "mb4", ["trainer.micro_batch_size=4", "trainer.grad_accum_steps=1"])
+    whole, _ = run_train(workdir, tiny_checkpoint, "mb4", ["trainer.micro_batch_size=4", "trainer.grad_accum_steps=1",
+                                                           "trainer.peak_tflops=0.5"])
     split, _ = run_train(workdir, tiny_checkpoint, "mb1x4", ["trainer.micro_batch_size=1", "trainer.grad_accum_steps=4"])
     assert_same_losses(losses(whole), losses(split))
+    check_mfu_records(whole, tiny_checkpoint, peak=0.5e12)
+
+
+def check_mfu_records(output_dir, checkpoint, peak):
+    """metrics.jsonl's mfu is the PaLM formula written out here independently: tokens/s x (6 N + 12 L H Q T) / peak."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(checkpoint).parameters())
+    head_dim = config.hidden_size // config.num_attention_heads
+    with open(os.path.join(output_dir, "metrics.jsonl")) as handle:
+        records = [json.loads(line) for line in handle if '"loss"' in line]
+    assert records
+    for r in records:
+        flops = 6 * n + 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * r["row_length"]
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / peak, rel=1e-9)
+        assert r["tokens_per_s"] == pytest.approx(r["num_tokens"] / r["step_seconds"], rel=1e-6)
 
 
 def test_packed_and_padded_batches_of_the_same_samples_give_the_same_losses(workdir, tiny_checkpoint):

@@ -228,3 +228,11 @@ def test_fused_and_foreach_adamw_take_the_same_steps(tiny_model):
     fused, foreach = run(True), run(False)
     for name in fused:
         torch.testing.assert_close(fused[name], foreach[name], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_cross_entropy_of_a_batch_with_nothing_supervised_is_zero_with_zero_gradients():
+    h, w, t = ce_problem()
+    t[:] = IGNORE_INDEX
+    loss = linear_cross_entropy(h, w, t, chunk_size=4)
+    loss.backward()
+    assert float(loss) == 0.0 and not h.grad.any() and not w.grad.any()
