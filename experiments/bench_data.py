@@ -236,14 +236,17 @@ def check_same_ids(bench: Throughput, count: int) -> tuple[int, int]:
 
 
 def encoded_characters(bench: Throughput) -> tuple[int, int]:
-    """Characters handed to the tokenizer: ours (prompt and prompt+answer per pair) vs the reference (prompt, answer)."""
-    from llama2_sft.data.chat import dialog_strings
+    """Characters handed to the tokenizer: ours as `encode_dialogs` splits them (prompt and "{answer} " per pair when
+    the SentencePiece model splits at spaces, else prompt and prompt+answer) vs the reference (prompt, answer)."""
+    from llama2_sft.data.chat import SentencePieceEncoder, dialog_strings
 
+    splits = SentencePieceEncoder(os.path.join(bench.tok_dir, "tokenizer.model")).splits_at_spaces
     ours = reference = 0
     for messages in bench.messages:
         pairs, _ = dialog_strings(messages)
+        split = splits and all(full[len(prompt) + 1:].strip() for prompt, full in pairs)
         for prompt, full in pairs:
-            ours += len(prompt) + len(full)
+            ours += len(prompt) + (len(full) - len(prompt) - 1 if split else len(full))
             reference += len(full) - 1  # prompt + answer + trailing space, without the separating space
     return ours, reference
 
@@ -597,8 +600,9 @@ def render_md(result: dict, tput: dict, eff: dict, lengths: list[int], profile_t
         f"({(ours_end['cpu_s'] - ours_enc['cpu_s']) / ours_end['cpu_s']:.0%}).",
         f"- Characters handed to the tokenizer: ours {result['encoded_chars']['ours']:,}, reference "
         f"{result['encoded_chars']['reference']:,} ({result['encoded_chars']['ours'] / result['encoded_chars']['reference']:.2f}x): "
-        "`llama2_sft/data/chat.py` `encode_dialogs` encodes each pair's prompt *and* prompt+answer, so every prompt "
-        "(including the folded system prompt) is tokenized twice.",
+        "`llama2_sft/data/chat.py` `encode_dialogs` encodes each pair's prompt and `{answer} ` separately when the "
+        "SentencePiece model splits at spaces (Llama-2's does; tested equal to whole-pair encoding), else the prompt *and* "
+        "prompt+answer, checking the prefix.",
         "- Both sides use the same SentencePiece C++ encoder, whose cost per character is the floor for either; the reference "
         "timing excludes JSON parsing (rows are already in memory), ours (prepare_dataset) includes JSON -> Arrow, the "
         "cache write and truncation.",

@@ -780,7 +780,7 @@ def write_markdown(path: Path, out: dict) -> None:
         f"- Both: fp32, AdamW lr {RECIPE['lr']}, betas {RECIPE['betas']}, weight decay {RECIPE['weight_decay']}, cosine "
         f"schedule with {RECIPE['warmup_ratio']:.0%} warmup, clipping {RECIPE['max_grad_norm']}, sdpa attention, no "
         "gradient checkpointing, same seeded init. Ours: defaults, i.e. `trainer.cross_entropy=fused` (LM head + loss in "
-        "chunks) and `torch.optim.AdamW(fused=True)` (the package's `fused: auto` on CPU); reference: HF default `optim={out.get('reference_optim', {}).get('optim')}` "
+        f"chunks, supervised positions only) and `torch.optim.AdamW(fused=True)` (the package's `fused: auto` on CPU); reference: HF default `optim={out.get('reference_optim', {}).get('optim')}` "
         f"({out.get('reference_optim', {}).get('optimizer')}, fused={out.get('reference_optim', {}).get('optimizer_defaults', {}).get('fused')}).",
         f"- Steps per run: {steps_text}; warm-up steps are not "
         f"counted. Repetitions: {args['reps']}, alternating (methods rotated each repetition); medians, all values in the JSON.",

@@ -89,6 +89,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target_ids:
     # Only supervised positions reach the LM head (prompts are most tokens in SFT: 81% on the embedded data);
     # the others contribute nothing to the loss and get a zero gradient through the gather's backward.
     supervised = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+    if not torch.is_grad_enabled():  # eval: no gradients to precompute (autograd would still flag the weight)
+        flat_hidden, weight = flat_hidden.detach(), weight.detach()
     return _LinearCrossEntropy.apply(flat_hidden.index_select(0, supervised), weight, flat_targets.index_select(0, supervised),
                                      chunk_size, _compute_dtype(flat_hidden))
 

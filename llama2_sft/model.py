@@ -122,7 +122,12 @@ def enable_activation_checkpointing(model: torch.nn.Module, policy: str = "full"
         raise ValueError(f"model.checkpoint_policy={policy!r}: expected full or selective")
     if every_n_layers < 1:
         raise ValueError(f"model.checkpoint_every_n_layers={every_n_layers}: expected >= 1")
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
+    if hasattr(model, "activation_checkpointing_enable"):  # the transformers 5.x API
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # earlier 5.x releases
+    for index, layer in enumerate(decoder_layers(model)):
+        layer.gradient_checkpointing = index % every_n_layers == 0
 
 
 def _saved_ops() -> set:

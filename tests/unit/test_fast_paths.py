@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from llama2_sft.data.chat import IGNORE_INDEX
-from llama2_sft.loss import FusedLMHead, batch_loss_sum, install_fused_head, linear_cross_entropy, summed_cross_entropy
+from llama2_sft.loss import FusedLMHead, _LinearCrossEntropy, batch_loss_sum, install_fused_head, linear_cross_entropy, summed_cross_entropy
 from llama2_sft.model import compile_decoder_layers, enable_activation_checkpointing
 from llama2_sft.optim import build_adamw
 
@@ -72,11 +72,18 @@ def test_fused_cross_entropy_under_autocast_computes_in_the_autocast_dtype():
     assert h.grad.dtype == w.grad.dtype == torch.float32  # gradients in the parameters' dtype
 
 
-def test_fused_cross_entropy_without_grad_builds_no_graph_and_gives_the_same_loss():
+def test_fused_cross_entropy_without_grad_builds_no_graph_and_gives_the_same_loss(monkeypatch):
     h, w, t = ce_problem()
     with torch.no_grad():
         got = linear_cross_entropy(h, w, t, chunk_size=5)
     assert got.grad_fn is None
+    seen = []
+    forward = _LinearCrossEntropy.forward
+    monkeypatch.setattr(_LinearCrossEntropy, "forward",
+                        staticmethod(lambda ctx, *args: seen.append(ctx.needs_input_grad[:2]) or forward(ctx, *args)))
+    with torch.no_grad():
+        linear_cross_entropy(h, w, t, chunk_size=5)
+    assert seen == [(False, False)]  # no gradient is precomputed in evaluation
     torch.testing.assert_close(got, reference_ce(h, w, t).detach(), rtol=1e-6, atol=1e-6)
 
 
