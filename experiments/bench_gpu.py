@@ -77,10 +77,9 @@ if str(ROOT) not in sys.path:
 
 from llama2_sft.data.chat import IGNORE_INDEX  # noqa: E402
 from llama2_sft.data.collate import collate_packed  # noqa: E402
-from llama2_sft.metrics import flops_per_token, peak_flops  # noqa: E402
-from llama2_sft.loss import linear_cross_entropy  # noqa: E402
-from llama2_sft.metrics import model_flops_utilization  # noqa: E402
-from llama2_sft.model import _selective_context, count_parameters, enable_activation_checkpointing, forward_logits, reset_rotary_buffers, summed_cross_entropy  # noqa: E402
+from llama2_sft.loss import forward_logits, linear_cross_entropy, model_inputs, summed_cross_entropy, uses_varlen_kernels  # noqa: E402
+from llama2_sft.metrics import flops_per_token, model_flops_utilization, peak_flops  # noqa: E402
+from llama2_sft.model import selective_checkpoint_context, count_parameters, enable_activation_checkpointing, reset_rotary_buffers  # noqa: E402
 from llama2_sft.optim import build_adamw  # noqa: E402
 
 GOAL_MFU = 0.50
@@ -202,11 +201,11 @@ class StepModule(torch.nn.Module):
 
     def forward(self, batch: dict) -> torch.Tensor:
         targets = batch["target_ids"]
+        varlen = uses_varlen_kernels(self.lm.config._attn_implementation)  # segment boundaries for flash-attention
         if self.ce == "fused":  # the package's trainer.cross_entropy=fused, inside the FSDP root's forward
-            hidden = self.lm.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                   use_cache=False).last_hidden_state
+            hidden = self.lm.model(**model_inputs(batch, varlen)).last_hidden_state
             return linear_cross_entropy(hidden, self.lm.lm_head.weight, targets, self.fused_chunk)
-        logits = forward_logits(self.lm, batch)
+        logits = forward_logits(self.lm, batch, varlen)
         if self.ce == "full":
             return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
@@ -264,7 +263,7 @@ class StepBench:
         enable_activation_checkpointing(lm, "full")  # the per-layer flags and functions are switched per variant
         self._full_ckpt = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
         self._selective_ckpt = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False,
-                                                 context_fn=_selective_context)
+                                                 context_fn=selective_checkpoint_context)
         self.compiled: dict[int, object] = {}
         if want_compile:
             import torch._dynamo as dynamo

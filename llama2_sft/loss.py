@@ -133,25 +133,35 @@ def install_fused_head(model: torch.nn.Module, chunk_size: int = 2048) -> torch.
     return model
 
 
-def model_inputs(batch: dict) -> dict:
+def model_inputs(batch: dict, varlen: bool = False) -> dict:
     """Forward kwargs for a collated batch. Packed rows pass reset position_ids and no attention mask (cache off),
-    which the attention implementations turn into a block-diagonal causal mask (varlen kernels for flash-attention)."""
+    which sdpa and eager turn into a block-diagonal causal mask. Varlen kernels (flash-attention, `varlen=True`) get
+    the segment boundaries over the flattened batch: transformers infers them from position_ids only for a batch of
+    one row, and would otherwise let the samples of a packed row attend to each other."""
     kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     if "attention_mask" in batch and "seq_lens" not in batch:
         kwargs["attention_mask"] = batch["attention_mask"]
+    if varlen and "cu_seq_lens" in batch:
+        cu, longest = batch["cu_seq_lens"], int(batch["max_seq_len"])
+        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
     return kwargs
 
 
-def forward_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+def uses_varlen_kernels(attn_implementation: str) -> bool:
+    """Attention implementations that take packed-segment boundaries (cu_seq_lens) instead of a mask."""
+    return attn_implementation not in ("sdpa", "eager")
+
+
+def forward_logits(model: torch.nn.Module, batch: dict, varlen: bool = False) -> torch.Tensor:
     """Logits [rows, width, vocab] of a collated batch."""
-    return model(**model_inputs(batch)).logits
+    return model(**model_inputs(batch, varlen)).logits
 
 
-def batch_loss_sum(model: torch.nn.Module, batch: dict, fused: bool) -> torch.Tensor:
+def batch_loss_sum(model: torch.nn.Module, batch: dict, fused: bool, varlen: bool = False) -> torch.Tensor:
     """The summed supervised-token cross-entropy of one collated batch (fp32 scalar)."""
     if fused:
-        return model(**model_inputs(batch), target_ids=batch["target_ids"])
-    logits = forward_logits(model, batch)
+        return model(**model_inputs(batch, varlen), target_ids=batch["target_ids"])
+    logits = forward_logits(model, batch, varlen)
     return summed_cross_entropy(logits, batch["target_ids"])
 
 

@@ -117,7 +117,7 @@ def enable_activation_checkpointing(model: torch.nn.Module, policy: str = "full"
     at a fraction of the recompute. `every_n_layers` checkpoints every n-th layer only."""
     kwargs: dict = {"use_reentrant": False}
     if policy == "selective":
-        kwargs["context_fn"] = _selective_context
+        kwargs["context_fn"] = selective_checkpoint_context
     elif policy != "full":
         raise ValueError(f"model.checkpoint_policy={policy!r}: expected full or selective")
     if every_n_layers < 1:
@@ -137,7 +137,7 @@ def _saved_ops() -> set:
     return {getattr(aten, name).default for name in names if hasattr(aten, name)}
 
 
-def _selective_context():
+def selective_checkpoint_context():
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
     saved = _saved_ops()

@@ -28,7 +28,7 @@ from llama2_sft.data.loader import SFTLoader, eval_batches
 from llama2_sft.distributed import DistContext, all_reduce_sum
 from llama2_sft.generate import SamplingConfig, generate_ids
 from llama2_sft.metrics import MetricsWriter, flops_per_token, model_flops_utilization, peak_flops, peak_memory_gb
-from llama2_sft.loss import FusedLMHead, batch_loss_sum
+from llama2_sft.loss import FusedLMHead, batch_loss_sum, uses_varlen_kernels
 from llama2_sft.model import count_parameters
 from llama2_sft.optim import lr_at, warmup_steps_for
 from llama2_sft.strategy.base import Strategy
@@ -84,6 +84,7 @@ class Trainer:
         self.resumed_from: str | None = None
         model = strategy.unwrapped_model()
         self.fused_loss = cfg.trainer.cross_entropy == "fused"
+        self.varlen = uses_varlen_kernels(cfg.model.attn_implementation)
         if self.fused_loss and not isinstance(model.get_output_embeddings(), FusedLMHead):
             raise ValueError("trainer.cross_entropy=fused but the model has no fused head: build the strategy with a "
                              "ModelFactory whose prepare is llama2_sft.model.prepare_for_training")
@@ -149,7 +150,7 @@ class Trainer:
             batch = _to_device(batch, device)
             with strategy.micro_step_context(is_last):
                 with strategy.forward_context():
-                    loss_sum = batch_loss_sum(strategy.model, batch, fused)
+                    loss_sum = batch_loss_sum(strategy.model, batch, fused, self.varlen)
                 strategy.backward(loss_sum * (scale / global_supervised), is_last)
             local_loss_sum = local_loss_sum + loss_sum.detach()  # stays on the device: one sync per step, below
             del loss_sum
@@ -190,7 +191,7 @@ class Trainer:
             for batch in eval_batches(dataset, self.cfg.trainer.eval_batch_size, self.ctx.rank, self.ctx.world_size, pad_id):
                 batch = _to_device(batch, self.ctx.device)
                 with self.strategy.forward_context():
-                    loss_sum += float(batch_loss_sum(self.strategy.model, batch, fused))
+                    loss_sum += float(batch_loss_sum(self.strategy.model, batch, fused, self.varlen))
                 supervised += int((batch["target_ids"] != IGNORE_INDEX).sum())
         total_loss, total_supervised = all_reduce_sum([loss_sum, supervised], self.ctx.device)
         return total_loss / max(total_supervised, 1)

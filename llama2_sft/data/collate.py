@@ -63,7 +63,12 @@ def collate_packed(units: Sequence[Sequence[dict]], pad_id: int, pad_to_multiple
     seq_lens_tensor = torch.zeros((rows, max_segments), dtype=torch.long)
     for row, lens in enumerate(seq_lens):
         seq_lens_tensor[row, : len(lens)] = torch.as_tensor(lens)
-    return {"input_ids": input_ids, "target_ids": target_ids, "position_ids": position_ids, "seq_lens": seq_lens_tensor}
+    # The same segments for varlen attention kernels (flash-attention): boundaries over the flattened batch
+    segments = [length for lens in seq_lens for length in lens]
+    cu_seq_lens = torch.zeros(len(segments) + 1, dtype=torch.int32)
+    cu_seq_lens[1:] = torch.cumsum(torch.as_tensor(segments), 0)
+    return {"input_ids": input_ids, "target_ids": target_ids, "position_ids": position_ids, "seq_lens": seq_lens_tensor,
+            "cu_seq_lens": cu_seq_lens, "max_seq_len": max(segments)}
 
 
 def block_causal_mask(seq_lens: torch.Tensor, width: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -114,3 +114,54 @@ def test_token_normalised_accumulation_gives_the_full_batch_gradient():
         (summed_cross_entropy(model_b(input_ids=micro["input_ids"], use_cache=False).logits, micro["target_ids"]) / total).backward()
     for (name, pa), pb in zip(model_a.named_parameters(), model_b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def varlen_reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """What a varlen kernel (flash_attn_varlen_func) computes, in plain torch: the batch flattened into one token
+    stream, causal attention within each [cu[i], cu[i+1]) segment only. Fails if the boundaries are not passed."""
+    cu = kwargs["cu_seq_lens_q"]
+    assert torch.equal(cu, kwargs["cu_seq_lens_k"]) and kwargs["max_length_q"] == int((cu[1:] - cu[:-1]).max())
+    rows, heads, width, dim = query.shape
+    groups = heads // key.shape[1]
+    flat = [t.transpose(1, 2).reshape(rows * width, t.shape[1], dim) for t in (query, key, value)]
+    q, k, v = flat[0], flat[1].repeat_interleave(groups, 1), flat[2].repeat_interleave(groups, 1)
+    out = torch.empty_like(q)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        out[start:end] = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), v[start:end].transpose(0, 1),
+            is_causal=True, scale=scaling).transpose(0, 1)
+    return out.reshape(rows, width, heads, dim), None
+
+
+def test_varlen_kernels_get_segment_boundaries_over_the_whole_packed_batch():
+    """transformers infers packed segments from position_ids only for a batch of ONE row (checked here), so with
+    several packed rows a varlen kernel would let samples attend to each other; `model_inputs(varlen=True)` passes the
+    boundaries the collator computed, and the result equals each sample run alone under sdpa."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence
+
+    from llama2_sft.loss import model_inputs
+
+    AttentionInterface.register("varlen_reference", varlen_reference_attention)
+    AttentionMaskInterface.register("varlen_reference", flash_attention_mask)
+    model = tiny_model("varlen_reference")
+    reference = tiny_model("sdpa")  # the same weights, each sample on its own
+    parts = samples()
+    units = [parts[:2], parts[2:] + parts[:1]]  # 2 rows: [7, 5] and [9, 7]: the first row is padded by 4
+    packed = collate_packed(units, pad_id=0)
+    assert packed["cu_seq_lens"].tolist() == [0, 7, 12, 16, 25, 32] and packed["max_seq_len"] == 9
+    assert not _is_packed_sequence(packed["position_ids"], batch_size=2)
+    assert _is_packed_sequence(packed["position_ids"][:1], batch_size=1)
+    with torch.no_grad():
+        logits = model(**model_inputs(packed, varlen=True)).logits
+        for row, unit in enumerate(units):
+            cursor = 0
+            for sample in unit:
+                alone = reference(input_ids=torch.tensor([sample["input_ids"]]), use_cache=False).logits[0]
+                n = len(sample["input_ids"])
+                torch.testing.assert_close(logits[row, cursor: cursor + n], alone, rtol=1e-5, atol=1e-5)
+                cursor += n
+        # without the boundaries the kernel cannot separate the samples: the reference refuses, a real one leaks
+        with pytest.raises(KeyError):
+            model(**model_inputs(packed, varlen=False))
