@@ -72,7 +72,7 @@ def assert_same_losses(a: dict, b: dict, rel=REL):
         assert b[step] == pytest.approx(a[step], rel=rel), f"step {step}: {a[step]} vs {b[step]}"
 
 
-STRATEGIES = [("single", 1), ("fsdp", 2), ("deepspeed_zero3", 2)]
+STRATEGIES = [("single", 1), ("ddp", 2), ("fsdp", 2), ("deepspeed_zero3", 2)]
 
 
 def strategy_args(strategy, nproc):
@@ -87,9 +87,10 @@ def straight_runs(workdir, tiny_checkpoint):
     return {s: run_train(workdir, tiny_checkpoint, f"straight-{s}", strategy_args(s, n), nproc=n)[0] for s, n in STRATEGIES}
 
 
-def test_single_fsdp_and_zero3_give_the_same_losses_at_the_same_global_batch(straight_runs):
+def test_single_ddp_fsdp_and_zero3_give_the_same_losses_at_the_same_global_batch(straight_runs):
     reference = losses(straight_runs["single"])
     assert len(set(reference.values())) == 6  # the model is learning: each step differs
+    assert_same_losses(reference, losses(straight_runs["ddp"]))
     assert_same_losses(reference, losses(straight_runs["fsdp"]))
     assert_same_losses(reference, losses(straight_runs["deepspeed_zero3"]))
 

@@ -242,4 +242,4 @@ def test_fused_cross_entropy_of_a_batch_with_nothing_supervised_is_zero_with_zer
     t[:] = IGNORE_INDEX
     loss = linear_cross_entropy(h, w, t, chunk_size=4)
     loss.backward()
-    assert float(loss) == 0.0 and not h.grad.any() and not w.grad.any()
+    assert loss.item() == 0.0 and not h.grad.any() and not w.grad.any()
