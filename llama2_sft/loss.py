@@ -53,28 +53,34 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits = (h_chunk @ w.t()).float()
                 valid = t_chunk != IGNORE_INDEX
                 safe = torch.where(valid, t_chunk, torch.zeros_like(t_chunk))
-                lse = torch.logsumexp(logits, dim=-1)
                 picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
+                # log-sum-exp and softmax in the logits' own memory (no [chunk, vocab] temporaries)
+                row_max = logits.amax(dim=1, keepdim=True)
+                exp_sum = logits.sub_(row_max).exp_().sum(dim=1, keepdim=True)
+                lse = (row_max + exp_sum.log()).squeeze(1)
                 total += torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
                 if want_h or want_w:
                     # d CE / d logits = softmax - onehot(target); zero for ignored positions
-                    grad_logits = torch.exp(logits.sub_(lse.unsqueeze(1)))
+                    grad_logits = logits.div_(exp_sum)
                     grad_logits[torch.arange(grad_logits.shape[0], device=grad_logits.device), safe] -= 1.0
                     grad_logits.mul_(valid.unsqueeze(1))
                     grad_logits = grad_logits.to(compute_dtype)
                     if want_h:
-                        grad_h[start: start + chunk_size] = grad_logits @ w
-                    if want_w:
-                        grad_w += (grad_logits.t() @ h_chunk).float()
+                        torch.mm(grad_logits, w, out=grad_h[start: start + chunk_size])
+                    if want_w:  # accumulate in fp32 without a [vocab, hidden] temporary where the dtypes allow
+                        if compute_dtype == torch.float32:
+                            grad_w.addmm_(grad_logits.t(), h_chunk)
+                        else:
+                            grad_w.add_(grad_logits.t() @ h_chunk)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         ctx.save_for_backward(grad_h, grad_w)
         return total
 
     @staticmethod
     def backward(ctx, grad_output):  # noqa: D102
-        grad_h, grad_w = ctx.saved_tensors
-        out_h = (grad_h * grad_output).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
-        out_w = (grad_w * grad_output).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        grad_h, grad_w = ctx.saved_tensors  # used once (one backward per micro-batch): scaled in place
+        out_h = grad_h.mul_(grad_output).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
+        out_w = grad_w.mul_(grad_output).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         return out_h, out_w, None, None, None
 
 
