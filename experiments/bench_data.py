@@ -36,7 +36,6 @@ import io
 import json
 import logging
 import os
-import platform
 import pstats
 import resource
 import shutil
@@ -53,6 +52,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests" / "assets"))
 
 import realistic_rows  # noqa: E402
+from bench_common import machine_info  # noqa: E402
 
 FULL_ROWS = 10_077_297  # LinkSoul/instruction_merge_set
 FULL_CORES = 16
@@ -326,25 +326,6 @@ def fmt_duration(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
-def machine_info() -> dict:
-    model = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            model = next((l.split(":", 1)[1].strip() for l in handle if l.startswith("model name")), model)
-    except OSError:
-        pass
-    import datasets
-    import sentencepiece
-    import torch
-    import transformers
-
-    return {
-        "cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-        "torch": torch.__version__, "datasets": datasets.__version__, "transformers": transformers.__version__,
-        "sentencepiece": sentencepiece.__version__,
-    }
-
-
 def write_png(path: Path, tput: dict, eff: dict, lengths: list[int]) -> None:
     import matplotlib
 
@@ -498,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    info = machine_info()
+    info = machine_info("torch", "datasets", "transformers", "sentencepiece")
     result = {"command": command, "tokenizer": tok_desc, "machine": info, "rows": row_stats,
               "load_average_before": load_before, "load_average_after": load_after, "runtime_s": runtime,
               "same_ids": [same, checked], "encoded_chars": {"ours": chars_ours, "reference": chars_ref},

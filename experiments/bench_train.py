@@ -39,7 +39,6 @@ import argparse
 import cProfile
 import json
 import os
-import platform
 import pstats
 import re
 import shutil
@@ -51,6 +50,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_common import machine_info  # noqa: E402
 ROOT = HERE.parent
 GOAL_RATIO = 2.0
 IGNORE_INDEX = -100
@@ -76,9 +77,9 @@ PROFILE_FUNCTIONS = {
         ("llama2_sft/data/loader.py", "next_step", "SFTLoader.next_step (Arrow rows -> collated tensors)"),
         ("llama2_sft/data/loader.py", "_collate", "  of which SFTLoader._collate"),
         ("llama2_sft/trainer.py", "train_step", "Trainer.train_step"),
-        ("llama2_sft/model.py", "forward_logits", "  forward (forward_logits)"),
+        ("llama2_sft/loss.py", "batch_loss_sum", "  forward + loss (batch_loss_sum)"),
         ("transformers/masking_utils.py", "create_causal_mask", "    of which mask creation (create_causal_mask)"),
-        ("llama2_sft/model.py", "summed_cross_entropy", "  loss (summed_cross_entropy)"),
+        ("llama2_sft/loss.py", "linear_cross_entropy", "    of which LM head + loss (linear_cross_entropy)"),
         ("llama2_sft/strategy/base.py", "backward", "  backward"),
         ("llama2_sft/strategy/base.py", "clip_grad_norm", "  clip_grad_norm"),
         ("llama2_sft/strategy/base.py", "optimizer_step", "  optimizer step"),
@@ -569,20 +570,6 @@ def median(values):
     return statistics.median(values) if values else None
 
 
-def machine_info() -> dict:
-    model = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            model = next((l.split(":", 1)[1].strip() for l in handle if l.startswith("model name")), model)
-    except OSError:
-        pass
-    import torch
-    import transformers
-
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "torch": torch.__version__, "transformers": transformers.__version__}
-
-
 def fmt(value, digits=0, suffix=""):
     if value is None:
         return "n/a"
@@ -975,7 +962,7 @@ def main(argv: list[str] | None = None) -> int:
             a.startswith("--reuse") or (i > 0 and argv[i - 1] == "--reuse")))]),
         "args": vars(args), "shapes": shapes, "steps": steps, "warmups": warmups, "plan": bench.plan, "data": data,
         "data_description": description + f" tokenized by `prepare_dataset` with `data/tokenizer`, max_length {args.max_length}",
-        "machine": machine_info(), "load_before": load_before, "load_after": load_avg(),
+        "machine": machine_info("torch", "transformers"), "load_before": load_before, "load_after": load_avg(),
         "params": {s: count_params(s, vocab) for s in shapes}, "table": table,
         "loss_parity": {s: loss_parity(results, s) for s in shapes}, "reference_optim": reference_optim,
         "runtime_s": time.perf_counter() - started, "results": results, "profiles": profiles,
