@@ -77,7 +77,7 @@ if str(ROOT) not in sys.path:
 
 from llama2_sft.data.chat import IGNORE_INDEX  # noqa: E402
 from llama2_sft.data.collate import collate_packed  # noqa: E402
-from llama2_sft.loss import forward_logits, linear_cross_entropy, model_inputs, summed_cross_entropy, uses_varlen_kernels  # noqa: E402
+from llama2_sft.loss import batch_loss_sum, forward_logits, install_fused_head, uses_varlen_kernels  # noqa: E402
 from llama2_sft.metrics import flops_per_token, model_flops_utilization, peak_flops  # noqa: E402
 from llama2_sft.model import selective_checkpoint_context, count_parameters, enable_activation_checkpointing, reset_rotary_buffers  # noqa: E402
 from llama2_sft.optim import build_adamw  # noqa: E402
@@ -197,19 +197,15 @@ class StepModule(torch.nn.Module):
         super().__init__()
         self.lm = lm
         self.ce = "logits"
-        self.fused_chunk = 2048  # trainer.ce_chunk_size default
+        install_fused_head(lm, chunk_size=2048)  # trainer.ce_chunk_size default; lm(...) without targets is unchanged
 
     def forward(self, batch: dict) -> torch.Tensor:
-        targets = batch["target_ids"]
         varlen = uses_varlen_kernels(self.lm.config._attn_implementation)  # segment boundaries for flash-attention
-        if self.ce == "fused":  # the package's trainer.cross_entropy=fused, inside the FSDP root's forward
-            hidden = self.lm.model(**model_inputs(batch, varlen)).last_hidden_state
-            return linear_cross_entropy(hidden, self.lm.lm_head.weight, targets, self.fused_chunk)
+        if self.ce != "full":  # the package's loss (trainer.cross_entropy=fused | logits), inside the FSDP root's forward
+            return batch_loss_sum(self.lm, batch, fused=self.ce == "fused", varlen=varlen)
         logits = forward_logits(self.lm, batch, varlen)
-        if self.ce == "full":
-            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
-        return summed_cross_entropy(logits, targets)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch["target_ids"].reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def _layers(lm: torch.nn.Module) -> list[torch.nn.Module]:

@@ -143,14 +143,13 @@ class Trainer:
         if global_supervised == 0:
             raise RuntimeError(f"step {self.step}: global batch has no supervised tokens")
         scale = self.ctx.world_size if strategy.averages_gradients_over_ranks else 1
-        fused = self.fused_loss
         local_loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         for index, batch in enumerate(micro_batches):
             is_last = index == len(micro_batches) - 1
             batch = _to_device(batch, device)
             with strategy.micro_step_context(is_last):
                 with strategy.forward_context():
-                    loss_sum = batch_loss_sum(strategy.model, batch, fused, self.varlen)
+                    loss_sum = batch_loss_sum(strategy.model, batch, self.fused_loss, self.varlen)
                 strategy.backward(loss_sum * (scale / global_supervised), is_last)
             local_loss_sum = local_loss_sum + loss_sum.detach()  # stays on the device: one sync per step, below
             del loss_sum
@@ -185,13 +184,12 @@ class Trainer:
         if self.cfg.trainer.eval_max_samples and len(dataset) > self.cfg.trainer.eval_max_samples:
             dataset = dataset.select(range(self.cfg.trainer.eval_max_samples))
         loss_sum, supervised = 0.0, 0
-        fused = self.fused_loss
         pad_id = self.tokenizer.pad_token_id
         with self.strategy.eval_mode():
             for batch in eval_batches(dataset, self.cfg.trainer.eval_batch_size, self.ctx.rank, self.ctx.world_size, pad_id):
                 batch = _to_device(batch, self.ctx.device)
                 with self.strategy.forward_context():
-                    loss_sum += float(batch_loss_sum(self.strategy.model, batch, fused, self.varlen))
+                    loss_sum += float(batch_loss_sum(self.strategy.model, batch, self.fused_loss, self.varlen))
                 supervised += int((batch["target_ids"] != IGNORE_INDEX).sum())
         total_loss, total_supervised = all_reduce_sum([loss_sum, supervised], self.ctx.device)
         return total_loss / max(total_supervised, 1)
