@@ -36,7 +36,7 @@ def _batch(cfg: DictConfig, loaded, sampling, system: str | None) -> None:
     from tqdm import tqdm
 
     from llama2_sft.data.chat import generation_prompt
-    from llama2_sft.generate import generate_ids
+    from llama2_sft.inference.generate import generate_ids
 
     with open(cfg.input, encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
@@ -61,7 +61,7 @@ def _batch(cfg: DictConfig, loaded, sampling, system: str | None) -> None:
 
 
 def _interactive(cfg: DictConfig, loaded, sampling, system: str | None) -> None:
-    from llama2_sft.generate import chat_reply
+    from llama2_sft.inference.generate import chat_reply
 
     device = next(loaded.model.parameters()).device
     history: list[dict] = []
@@ -96,7 +96,7 @@ def _interactive(cfg: DictConfig, loaded, sampling, system: str | None) -> None:
 @hydra.main(config_path="conf", config_name="infer", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from llama2_sft.consolidate import load_model
-    from llama2_sft.generate import SamplingConfig, chat_reply
+    from llama2_sft.inference.generate import SamplingConfig, chat_reply
 
     loaded = load_model(cfg.ckpt, cfg.device, cfg.dtype)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,

@@ -26,7 +26,7 @@ from llama2_sft.checkpoint import load_checkpoint, save_checkpoint
 from llama2_sft.data.chat import IGNORE_INDEX
 from llama2_sft.data.loader import SFTLoader, eval_batches
 from llama2_sft.distributed import DistContext, all_reduce_sum
-from llama2_sft.generate import SamplingConfig, generate_ids
+from llama2_sft.inference.generate import SamplingConfig, generate_ids
 from llama2_sft.metrics import MetricsWriter, flops_per_token, model_flops_utilization, peak_flops, peak_memory_gb
 from llama2_sft.loss import FusedLMHead, batch_loss_sum, uses_varlen_kernels
 from llama2_sft.model import count_parameters

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from llama2_sft.data.chat import generation_prompt, validate_messages
-from llama2_sft.generate import SamplingConfig, chat_reply
+from llama2_sft.inference.generate import SamplingConfig, chat_reply
 
 
 @dataclass

@@ -22,7 +22,7 @@ import sys
 import threading
 from typing import Any, Iterator
 
-from llama2_sft.generate import SamplingConfig, chat_reply
+from llama2_sft.inference.generate import SamplingConfig, chat_reply
 
 log = logging.getLogger(__name__)
 

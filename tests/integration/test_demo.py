@@ -24,8 +24,8 @@ from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from llama2_sft.data.chat import DEFAULT_SYSTEM_PROMPT  # noqa: E402
-from llama2_sft.generate import SamplingConfig  # noqa: E402
-from llama2_sft.generate import chat_reply as direct_chat_reply  # noqa: E402
+from llama2_sft.inference.generate import SamplingConfig  # noqa: E402
+from llama2_sft.inference.generate import chat_reply as direct_chat_reply  # noqa: E402
 from llama2_sft.serve import demo as demo_module  # noqa: E402
 
 pytestmark = pytest.mark.slow

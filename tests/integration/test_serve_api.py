@@ -29,7 +29,7 @@ def make_client(loaded, **settings):
 
 
 def greedy(loaded, messages, max_new_tokens):
-    from llama2_sft.generate import SamplingConfig, chat_reply
+    from llama2_sft.inference.generate import SamplingConfig, chat_reply
 
     return chat_reply(loaded.model, loaded.tokenizer, messages, SamplingConfig(max_new_tokens=max_new_tokens),
                       torch.device("cpu"))["text"]
