@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 
 def _system_prompt(cfg: DictConfig, loaded) -> str | None:
-    from llama2_sft.consolidate import training_system_prompt
+    from llama2_sft.inference.load import training_system_prompt
     from llama2_sft.data.sources import resolve_system_prompt
 
     if cfg.system == "default":
@@ -95,7 +95,7 @@ def _interactive(cfg: DictConfig, loaded, sampling, system: str | None) -> None:
 
 @hydra.main(config_path="conf", config_name="infer", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from llama2_sft.consolidate import load_model
+    from llama2_sft.inference.load import load_model
     from llama2_sft.inference.generate import SamplingConfig, chat_reply
 
     loaded = load_model(cfg.ckpt, cfg.device, cfg.dtype)

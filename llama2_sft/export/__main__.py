@@ -19,7 +19,7 @@ def parse(argv: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    from llama2_sft.consolidate import load_model
+    from llama2_sft.inference.load import load_model
 
     options = parse(argv)
     loaded = load_model(options["ckpt"], options["device"], "fp32")

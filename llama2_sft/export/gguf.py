@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from llama2_sft.consolidate import LoadedModel
+from llama2_sft.inference.load import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import shutil
 
 import torch
 
-from llama2_sft.consolidate import LoadedModel
+from llama2_sft.inference.load import LoadedModel
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 

@@ -11,7 +11,7 @@ USAGE = "usage: python -m llama2_sft.serve ckpt=PATH [port=8000] [host=127.0.0.1
 def main(argv: list[str]) -> None:
     import uvicorn
 
-    from llama2_sft.consolidate import load_model, training_system_prompt
+    from llama2_sft.inference.load import load_model, training_system_prompt
     from llama2_sft.data.sources import resolve_system_prompt
     from llama2_sft.serve.api import ServeSettings, create_app
 

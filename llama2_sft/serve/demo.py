@@ -3,7 +3,7 @@
     python -m llama2_sft.serve.demo ckpt=outputs/embedded                      # http://127.0.0.1:7860
     python -m llama2_sft.serve.demo ckpt=PATH port=7861 host=0.0.0.0 device=cuda dtype=bf16 share=false
 
-ckpt is anything `llama2_sft.consolidate.load_model` accepts (run dir, checkpoint dir, Hugging Face dir). The system
+ckpt is anything `llama2_sft.inference.load.load_model` accepts (run dir, checkpoint dir, Hugging Face dir). The system
 prompt box starts with the prompt training used; the chat history becomes OpenAI-style messages
 (system + alternating user/assistant) and every answer comes from `chat_reply`, so the prompt is built by the same
 `encode_dialog` that built the training data. One generation runs at a time (queue concurrency 1, plus a lock that
@@ -256,7 +256,7 @@ def parse(argv: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    from llama2_sft.consolidate import load_model, training_system_prompt
+    from llama2_sft.inference.load import load_model, training_system_prompt
 
     options = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

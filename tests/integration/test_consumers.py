@@ -54,7 +54,7 @@ def _eval_loss(model, run_dir) -> float:
 
 
 def test_every_checkpoint_kind_consolidates_to_the_weights_training_ended_with(checkpoints):
-    from llama2_sft.consolidate import load_model
+    from llama2_sft.inference.load import load_model
 
     for kind in ("dcp", "fsdp", "deepspeed"):
         loaded = load_model(str(checkpoints[kind]), "cpu", "fp32")
@@ -71,7 +71,7 @@ def test_every_checkpoint_kind_consolidates_to_the_weights_training_ended_with(c
 def test_hf_export_gives_the_training_models_logits_through_stock_transformers(checkpoints, kind, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llama2_sft.consolidate import load_model
+    from llama2_sft.inference.load import load_model
     from llama2_sft.data import encode_dialog
 
     out = tmp_path / "hf"
@@ -103,7 +103,7 @@ def test_hf_export_defaults_to_bf16_safetensors(checkpoints, tmp_path):
 
 
 def _greedy_reference(ckpt, messages, max_new_tokens):
-    from llama2_sft.consolidate import load_model
+    from llama2_sft.inference.load import load_model
     from llama2_sft.data import encode_dialog
 
     loaded = load_model(str(ckpt), "cpu", "fp32")

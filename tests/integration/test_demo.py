@@ -57,7 +57,7 @@ def plain(history: list[dict]) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def loaded(tiny_checkpoint):
-    from llama2_sft.consolidate import load_model
+    from llama2_sft.inference.load import load_model
 
     return load_model(tiny_checkpoint, "cpu", "fp32")
 
@@ -94,7 +94,7 @@ def cli_demo(request, tiny_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(loaded, cli_demo):
     """The demo on a free localhost port in this process (so tests can watch chat_reply); closed afterwards."""
-    from llama2_sft.consolidate import training_system_prompt
+    from llama2_sft.inference.load import training_system_prompt
 
     demo = demo_module.build_demo(loaded, training_system_prompt(loaded))
     port = free_port()

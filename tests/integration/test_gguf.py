@@ -79,7 +79,7 @@ def tiny_llama(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def loaded(tiny_llama):
-    from llama2_sft.consolidate import load_model
+    from llama2_sft.inference.load import load_model
 
     return load_model(tiny_llama, "cpu", "fp32")
 

@@ -43,7 +43,7 @@ legacy_bodies = st.fixed_dictionaries(
 def client(tiny_checkpoint):
     from fastapi.testclient import TestClient
 
-    from llama2_sft.consolidate import load_model
+    from llama2_sft.inference.load import load_model
     from llama2_sft.serve.api import ServeSettings, create_app
 
     loaded = load_model(tiny_checkpoint, "cpu", "fp32")

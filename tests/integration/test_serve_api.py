@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def loaded(tiny_checkpoint):
-    from llama2_sft.consolidate import load_model
+    from llama2_sft.inference.load import load_model
 
     return load_model(tiny_checkpoint, "cpu", "fp32")
 

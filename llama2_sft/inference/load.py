@@ -1,5 +1,5 @@
-"""Any saved model -> one ready transformers model + tokenizer + the training config. Every consumer (infer, export,
-serve) loads through here, so they all see exactly the weights training wrote.
+"""Load any saved model for inference: one ready transformers model + tokenizer + the training config. Every consumer
+(infer, export, serve) loads through here, so they all see exactly the weights training wrote.
 
 Accepted `ckpt`: a training run directory (its latest complete checkpoint), one checkpoint directory (DCP shards
 from single/DDP/FSDP, or DeepSpeed ZeRO shards, consolidated on the fly), or a Hugging Face model directory / hub id.
