@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests" / "assets"))
 
-import realistic_rows  # noqa: E402
+from llama2_sft.data import synthetic as realistic_rows  # noqa: E402
 from bench_common import machine_info  # noqa: E402
 
 FULL_ROWS = 10_077_297  # LinkSoul/instruction_merge_set

@@ -392,8 +392,7 @@ class Bench:
         self.env = worker_env(args.threads)
         self.data_path = None
         if args.data == "realistic":
-            sys.path.insert(0, str(HERE))
-            import realistic_rows
+            from llama2_sft.data import synthetic as realistic_rows
 
             self.data_path = str(self.work / "rows.jsonl")
             realistic_rows.write_jsonl(realistic_rows.generate(args.realistic_rows, 0), self.data_path)

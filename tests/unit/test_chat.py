@@ -180,15 +180,12 @@ def test_text_encoder_of_an_autotokenizer_is_sentencepiece(hf_tokenizer):
 
 def test_split_encoding_equals_whole_pair_encoding_on_every_bundled_and_realistic_dialog(hf_tokenizer):
     """The fast path encodes each prompt once; it must give the ids of encoding each whole pair string."""
-    import sys
-
     from llama2_sft.data.chat import text_encoder
     from llama2_sft.data.sources import row_to_messages
+    from llama2_sft.data.synthetic import generate
 
     assert text_encoder(hf_tokenizer).splits_at_spaces  # the fast path is really taken for Llama-style models
     repo = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-    sys.path.insert(0, os.path.join(repo, "experiments"))
-    from realistic_rows import generate
 
     rows = [json.loads(line) for name in ("train.jsonl", "eval.jsonl")
             for line in open(os.path.join(repo, "data", name), encoding="utf-8")]

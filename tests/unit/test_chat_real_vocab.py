@@ -395,13 +395,9 @@ def test_hf_text_encoder_fallback_matches_sentencepiece_on_chat_dialogs_only_wit
 
 
 def test_split_encoding_equals_whole_pair_encoding_on_realistic_rows_with_the_real_vocab(hf_tokenizer):
-    import sys as _sys
-
     from llama2_sft.data import DEFAULT_SYSTEM_PROMPT, encode_dialogs
     from llama2_sft.data.sources import row_to_messages
-
-    _sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
-    from realistic_rows import generate
+    from llama2_sft.data.synthetic import generate
 
     dialogs = [m for m in (row_to_messages(r, DEFAULT_SYSTEM_PROMPT)[0] for r in generate(400, seed=11)) if m]
     fast, exact = encode_dialogs(hf_tokenizer, dialogs), encode_dialogs(hf_tokenizer, dialogs, exact=True)

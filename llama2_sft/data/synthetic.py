@@ -1,5 +1,4 @@
-#!/usr/bin/env python
-"""Deterministic ShareGPT rows shaped like LinkSoul/instruction_merge_set, for benchmarks.
+"""Deterministic synthetic ShareGPT rows shaped like LinkSoul/instruction_merge_set, for tests and benchmarks.
 
 Each row is ``{"id", "conversations": [{"from": "human"|"gpt", "value"}], "instruction"}``, as in the reference data
 set. What is modelled (the data set itself cannot be fetched here):
@@ -16,21 +15,16 @@ The text is assembled from embedded word and phrase lists, so it is not meaningf
 lengths, whitespace and script mix give token counts close to real text with the Llama-2 tokenizer (common CJK
 characters are single pieces, rarer ones fall back to 3 byte pieces, as in real Chinese text).
 
-``generate(n, seed)`` returns the same rows for the same arguments on every machine (one `random.Random(seed)`).
-
-CLI::
-
-    python experiments/realistic_rows.py --n 20000 --seed 0 --out /tmp/rows.jsonl
+``generate(n, seed)`` returns the same rows for the same arguments on every machine (one `random.Random(seed)`);
+``write_jsonl`` saves them for ``dataset=jsonl dataset.source=...``; ``describe`` summarises sizes and mix.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
 import statistics
-import sys
 
 # ----------------------------------------------------------------------------------------------------------------
 # Vocabulary
@@ -242,6 +236,7 @@ def row_bytes(row: dict) -> int:
 
 
 def is_chinese_dominant(row: dict) -> bool:
+    """Whether the row's text is mostly Chinese (CJK characters weighed against Latin letters)."""
     text = "".join(t["value"] for t in row["conversations"])
     cjk = sum(1 for ch in text if "\u4e00" <= ch <= "\u9fff")
     latin = sum(1 for ch in text if ch.isascii() and ch.isalpha())
@@ -249,6 +244,7 @@ def is_chinese_dominant(row: dict) -> bool:
 
 
 def describe(rows: list[dict]) -> dict:
+    """Sizes (bytes per JSON line), turn counts and language / instruction / code shares of `rows`."""
     sizes = sorted(row_bytes(r) for r in rows)
     pairs = [len(r["conversations"]) // 2 for r in rows]
     q = lambda f: sizes[min(len(sizes) - 1, int(f * len(sizes)))]  # noqa: E731
@@ -268,22 +264,7 @@ def describe(rows: list[dict]) -> dict:
 
 
 def write_jsonl(rows: list[dict], path: str) -> None:
+    """One JSON object per line, UTF-8 (what `dataset=jsonl` reads)."""
     with open(path, "w", encoding="utf-8", newline="\n") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write deterministic ShareGPT rows shaped like instruction_merge_set.")
-    parser.add_argument("--n", type=int, default=20_000, help="number of rows")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="output .jsonl path")
-    args = parser.parse_args(argv)
-    rows = generate(args.n, args.seed)
-    write_jsonl(rows, args.out)
-    print(json.dumps({"out": args.out, **describe(rows)}, ensure_ascii=False), file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
