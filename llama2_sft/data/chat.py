@@ -174,29 +174,58 @@ class EncodedDialog:
         return len(self.input_ids)
 
 
+class MessageError(ValueError):
+    """A conversation that breaks the message rules; `reason` is a stable code (counted when data rows are skipped)."""
+
+    def __init__(self, reason: str, detail: str, index: int | None = None):
+        self.reason, self.detail, self.index = reason, detail, index
+        super().__init__(detail if index is None else f"messages[{index}]: {detail}")
+
+    def shifted(self, by: int) -> MessageError:
+        """The same error with its position moved by `by` (to name the caller's position, not an extended list's)."""
+        return MessageError(self.reason, self.detail, None if self.index is None else self.index + by)
+
+
 def validate_messages(messages: Sequence[dict]) -> None:
-    """Raise ValueError naming the position if `messages` is not [system?] user (assistant user)* assistant?."""
+    """Raise MessageError naming the position unless `messages` is [system?] user (assistant user)* assistant?.
+
+    The one set of ordering rules: training rows (`sources.row_to_messages`) and every inference request use it.
+    """
     if not messages:
-        raise ValueError("messages is empty")
+        raise MessageError("empty_messages", "messages is empty")
     offset = 0
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {message!r:.80}")
+            raise MessageError("bad_message", f"must be a dict with 'role' and 'content', got {message!r:.80}", i)
         role, content = message["role"], message["content"]
         if role not in ROLES:
-            raise ValueError(f"messages[{i}]: unknown role {role!r} (expected one of {ROLES})")
+            raise MessageError("unknown_role", f"unknown role {role!r} (expected one of {ROLES})", i)
         if not isinstance(content, str):
-            raise ValueError(f"messages[{i}]: content must be a string, got {type(content).__name__}")
+            raise MessageError("bad_content", f"content must be a string, got {type(content).__name__}", i)
         if role == "system":
             if i != 0:
-                raise ValueError(f"messages[{i}]: a system message may only come first")
+                raise MessageError("misplaced_system", "a system message may only come first", i)
             offset = 1
             continue
         expected = "user" if (i - offset) % 2 == 0 else "assistant"
         if role != expected:
-            raise ValueError(f"messages[{i}]: expected role {expected!r}, got {role!r} (user and assistant alternate, user first)")
+            # The user always opens; after that a wrong role can only repeat the one before it.
+            reason = "first_turn_not_human" if i == offset else "consecutive_same_role"
+            raise MessageError(reason, f"expected role {expected!r}, got {role!r} (user and assistant alternate, user first)", i)
     if offset == len(messages):
-        raise ValueError("messages holds only a system message")
+        raise MessageError("system_only", "messages holds only a system message")
+
+
+def with_system_prompt(messages: Sequence[dict], system_prompt: str | None) -> list[dict]:
+    """`messages` led by `system_prompt`, unless they bring their own system message or the prompt is empty.
+
+    The one place a default system prompt is applied: to training rows without an instruction and to every chat
+    request, so a model is asked in the form it was trained on.
+    """
+    has_own = bool(messages) and isinstance(messages[0], dict) and messages[0].get("role") == "system"
+    if not system_prompt or not system_prompt.strip() or has_own:
+        return list(messages)
+    return [{"role": "system", "content": system_prompt}, *messages]
 
 
 def _fold_system(messages: Sequence[dict]) -> list[dict]:
@@ -276,8 +305,18 @@ def encode_dialog(tokenizer: Any, messages: Sequence[dict]) -> EncodedDialog:
     return encode_dialogs(tokenizer, [messages])[0]
 
 
-def generation_prompt(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
-    """Ids to feed a model so it writes the next assistant reply (messages must end with a user message)."""
-    if not messages or messages[-1].get("role") != "user":
-        raise ValueError("a generation prompt must end with a user message")
-    return encode_dialog(tokenizer, messages).input_ids
+def generation_prompt(tokenizer: Any, messages: Sequence[dict], system_prompt: str | None = None) -> list[int]:
+    """Ids to feed a model so it writes the next assistant reply (messages must end with a user message).
+
+    `system_prompt` leads unless the messages bring their own (`with_system_prompt`); errors name the caller's
+    positions."""
+    if not messages:
+        raise MessageError("empty_messages", "messages is empty")
+    full = with_system_prompt(messages, system_prompt)
+    try:
+        ids = encode_dialog(tokenizer, full).input_ids  # validates the order, once
+    except MessageError as error:
+        raise error.shifted(len(messages) - len(full)) from None
+    if messages[-1]["role"] != "user":
+        raise MessageError("not_user_last", "a generation prompt must end with a user message")
+    return ids

@@ -9,12 +9,13 @@ import json
 import os
 from typing import Any, Sequence
 
-from llama2_sft.data.chat import DEFAULT_SYSTEM_PROMPT
+from llama2_sft.data.chat import DEFAULT_SYSTEM_PROMPT, MessageError, validate_messages, with_system_prompt
 
 # from -> role. ShareGPT uses human/gpt; OpenAI-style user/assistant/system are accepted as well.
 ROLE_OF = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
-# Every reason a row is skipped. Each is counted and reported; none is silently repaired.
+# Every reason a row is skipped. Each is counted and reported; none is silently repaired. The ordering reasons are
+# `chat.validate_messages`'s own codes: training rows and inference requests follow one set of rules.
 SKIP_REASONS = (
     "missing_conversations",  # no `conversations` key, or not a list
     "empty_conversations",  # an empty list
@@ -52,7 +53,7 @@ def row_to_messages(row: dict, default_system: str | None) -> tuple[list[dict] |
         return None, "bad_instruction"
 
     messages: list[dict] = []
-    for index, turn in enumerate(conversations):
+    for turn in conversations:  # the row's shape first; the order of the turns is the chat layer's rule
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             return None, "bad_turn"
         role = ROLE_OF.get(turn["from"]) if isinstance(turn["from"], str) else None
@@ -61,25 +62,19 @@ def row_to_messages(row: dict, default_system: str | None) -> tuple[list[dict] |
         value = turn["value"]
         if not isinstance(value, str) or not value.strip():
             return None, "bad_value"
-        if role == "system":
-            if index != 0:
-                return None, "misplaced_system"
-        elif not messages or messages[-1]["role"] == "system":
-            if role != "user":
-                return None, "first_turn_not_human"
-        elif messages[-1]["role"] == role:
-            return None, "consecutive_same_role"
         messages.append({"role": role, "content": value})
+    try:
+        validate_messages(messages)
+    except MessageError as error:
+        # a lone system turn is a row with nothing to supervise
+        return None, "no_assistant_turn" if error.reason == "system_only" else error.reason
 
     if messages[-1]["role"] == "user":
         messages.pop()  # a question without an answer teaches nothing
     if not any(m["role"] == "assistant" for m in messages):
         return None, "no_assistant_turn"
-    if messages[0]["role"] != "system":
-        system = instruction if instruction and instruction.strip() else default_system
-        if system:
-            messages.insert(0, {"role": "system", "content": system})
-    return messages, None
+    system = instruction if instruction and instruction.strip() else default_system
+    return with_system_prompt(messages, system), None
 
 
 def _expand_local(source: str) -> list[str] | None:
