@@ -1,6 +1,8 @@
-"""Config schemas. Registered in Hydra's ConfigStore and named in conf/train.yaml's defaults, so a misspelled or
-mistyped key fails at compose time naming it. `strategy` and `optimizer` are `_target_` blocks (any signature): they
-are checked by binding their keys to the target's signature (`validate`), at start and in a unit test."""
+"""Config schemas: every key of the training config and its default, in one place (the yaml files under conf/ hold
+only deltas from these). Registered in Hydra's ConfigStore and named in conf/train.yaml's defaults, so a misspelled
+key, a mistyped value or a value outside an enumeration fails at compose time naming the key. `strategy` and
+`optimizer` are `_target_` blocks (any signature): their yaml holds their values, and they are checked by binding
+their keys to the target's signature (`validate`), at start and in a unit test."""
 
 from __future__ import annotations
 
@@ -8,10 +10,66 @@ import importlib
 import importlib.util
 import inspect
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+
+
+class Choice(str, Enum):
+    """An enumerated setting. Members are strings equal to their value (and to their name, which is what
+    `OmegaConf.to_yaml` writes), so code compares them with plain strings and json writes them as plain strings."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Precision(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"  # compute dtype; master weights stay fp32
+
+
+class Truncation(Choice):
+    turns = "turns"  # drop trailing turns, else cut the first reply
+    drop = "drop"  # skip samples longer than max_length
+
+
+class Schedule(Choice):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class OnNan(Choice):
+    stop = "stop"  # end the run with an error naming the step
+    skip = "skip"  # drop the update and go on
+
+
+class CrossEntropy(Choice):
+    fused = "fused"  # LM head + CE in chunks: [tokens, vocab] logits never exist whole
+    logits = "logits"  # the model returns logits, then CE
+
+
+class CheckpointPolicy(Choice):
+    full = "full"  # recompute whole decoder layers
+    selective = "selective"  # keep matmul and attention outputs, recompute the cheap ops
+
+
+class AttnImplementation(Choice):
+    sdpa = "sdpa"
+    eager = "eager"
+    flash_attention_2 = "flash_attention_2"
+
+
+class WandbMode(Choice):
+    auto = "auto"  # online when logged in, else offline
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
 
 
 @dataclass
@@ -23,7 +81,7 @@ class DatasetConfig:
     revision: Optional[str] = None  # hub revision (pin it for a reproducible cache key)
     default_system: Optional[str] = "meta"  # for rows with an empty instruction: 'meta' (Meta's default), 'none', or text
     max_length: int = 4096
-    truncation: str = "turns"  # 'turns' (drop trailing turns, else cut the first reply) or 'drop'
+    truncation: Truncation = Truncation.turns
     max_skipped_fraction: float = 0.01  # stop if more rows than this could not be trained
     packing: bool = False
     group_by_length: bool = False
@@ -38,9 +96,9 @@ class ModelConfig:
     name_or_path: Optional[str] = None  # a Llama checkpoint (path or hub id); null = random init from `arch`
     tokenizer: Optional[str] = None  # tokenizer dir / hub id; null = name_or_path
     revision: Optional[str] = None
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    attn_implementation: AttnImplementation = AttnImplementation.sdpa  # flash_attention_2 when installed (CUDA)
     gradient_checkpointing: bool = False
-    checkpoint_policy: str = "full"  # full (recompute whole layers) | selective (keep matmul/attention outputs)
+    checkpoint_policy: CheckpointPolicy = CheckpointPolicy.full
     checkpoint_every_n_layers: int = 1  # checkpoint every n-th decoder layer (1 = all)
     compile: bool = False  # torch.compile each decoder layer
     compile_backend: str = "inductor"
@@ -63,8 +121,8 @@ class TrainerConfig:
     generate_samples: int = 4  # greedy answers logged at each eval (W&B table) and for the final accuracy
     accuracy_samples: int = 64  # held-out prompts scored by exact match at the end; 0 = skip
     max_new_tokens: int = 32
-    on_nan: str = "stop"  # stop | skip
-    cross_entropy: str = "fused"  # fused (LM head + CE in chunks, logits never whole) | logits (model returns logits)
+    on_nan: OnNan = OnNan.stop  # a step whose loss or gradient norm is NaN or infinite
+    cross_entropy: CrossEntropy = CrossEntropy.fused
     ce_chunk_size: int = 2048  # positions per chunk of the fused cross-entropy
     peak_tflops: Optional[float] = None  # one device's peak dense TFLOP/s for MFU; null = known GPUs (H100/H200 989)
     stop_after_steps: int = 0  # end this process after N more steps with a checkpoint (time-limited jobs); 0 = off
@@ -72,7 +130,7 @@ class TrainerConfig:
 
 @dataclass
 class SchedulerConfig:
-    name: str = "cosine"  # cosine | linear | constant
+    name: Schedule = Schedule.cosine
     warmup_ratio: float = 0.03
     warmup_steps: int = 0  # used instead of warmup_ratio when > 0
     min_lr_ratio: float = 0.0
@@ -85,7 +143,7 @@ class WandbConfig:
     entity: Optional[str] = None
     name: Optional[str] = None
     tags: list = field(default_factory=list)
-    mode: str = "auto"  # auto (online when logged in, else offline) | online | offline | disabled
+    mode: WandbMode = WandbMode.auto
 
 
 @dataclass
@@ -95,11 +153,11 @@ class LoggerConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "outputs/default"
+    output_dir: str = "outputs/${experiment_name}"  # rerunning with the same output_dir resumes (resume=auto)
     seed: int = 42
-    precision: str = "fp32"  # fp32 | bf16
-    tf32: bool = True
-    resume: Any = "auto"  # auto | false | path to a checkpoint
+    precision: Precision = Precision.fp32
+    tf32: bool = True  # TF32 matmuls on Ampere+ GPUs (no effect on CPU)
+    resume: Any = "auto"  # auto (latest complete checkpoint in output_dir) | false | path to a checkpoint
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -116,18 +174,6 @@ def register_configs() -> None:
     store.store(name="train_schema", node=TrainConfig)
     store.store(group="dataset", name="dataset_schema", node=DatasetConfig)
     store.store(group="model", name="model_schema", node=ModelConfig)
-
-
-CHOICES = {
-    "precision": ("fp32", "bf16"),
-    "dataset.truncation": ("turns", "drop"),
-    "scheduler.name": ("cosine", "linear", "constant"),
-    "trainer.on_nan": ("stop", "skip"),
-    "trainer.cross_entropy": ("fused", "logits"),
-    "model.checkpoint_policy": ("full", "selective"),
-    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
-    "logger.wandb.mode": ("auto", "online", "offline", "disabled"),
-}
 
 
 def _import(path: str) -> Any:
@@ -162,11 +208,8 @@ def bind_target(node: DictConfig | dict, key: str, skip: tuple[str, ...] = ()) -
 
 
 def validate(cfg: DictConfig) -> None:
-    """Fail before any heavy work, naming the key: enumerations, positive sizes, `_target_` signatures."""
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise ValueError(f"{key}={value!r}: expected one of {allowed}")
+    """Fail before any heavy work, naming the key: positive sizes, ranges, `_target_` signatures (the schema has
+    already checked names, types and enumerations at compose time)."""
     for key in ("trainer.micro_batch_size", "trainer.grad_accum_steps", "dataset.max_length", "trainer.eval_batch_size",
                 "trainer.ce_chunk_size", "model.checkpoint_every_n_layers"):
         if OmegaConf.select(cfg, key) < 1:

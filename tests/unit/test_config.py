@@ -33,6 +33,23 @@ def test_every_strategy_binds_to_its_class(strategy):
     bind_target(cfg.strategy, "strategy")
 
 
+@pytest.mark.parametrize(
+    "strategy, stage, offload_optimizer, offload_param",
+    [
+        ("deepspeed_zero2", 2, False, False),
+        ("deepspeed_zero2_offload", 2, True, False),
+        ("deepspeed_zero3", 3, False, False),
+        ("deepspeed_zero3_offload", 3, True, True),
+    ],
+)
+def test_deepspeed_variants_inherit_the_base_and_change_only_stage_and_offload(strategy, stage, offload_optimizer,
+                                                                               offload_param):
+    block = OmegaConf.to_container(compose([f"strategy={strategy}"]).strategy)
+    assert block == {"_target_": "llama2_sft.strategy.deepspeed.DeepSpeedStrategy", "stage": stage,
+                     "offload_optimizer": offload_optimizer, "offload_param": offload_param, "overlap_comm": True,
+                     "contiguous_gradients": True}
+
+
 def test_sft_7b_states_the_reference_recipe():
     cfg = compose(["+experiment=sft_7b"])
     assert cfg.precision == "bf16" and cfg.tf32 is True
@@ -71,16 +88,42 @@ def test_wrong_type_fails_at_compose_time_naming_the_key():
 
 
 @pytest.mark.parametrize(
+    "override, key, allowed",
+    [
+        ("precision=fp16", "precision", "fp32, bf16"),
+        ("scheduler.name=step", "scheduler.name", "cosine, linear, constant"),
+        ("trainer.cross_entropy=liger", "trainer.cross_entropy", "fused, logits"),
+        ("trainer.on_nan=ignore", "trainer.on_nan", "stop, skip"),
+        ("model.checkpoint_policy=some", "model.checkpoint_policy", "full, selective"),
+        ("model.attn_implementation=flash", "model.attn_implementation", "sdpa, eager, flash_attention_2"),
+        ("dataset.truncation=cut", "dataset.truncation", "turns, drop"),
+        ("logger.wandb.mode=quiet", "logger.wandb.mode", "auto, online, offline, disabled"),
+    ],
+)
+def test_a_value_outside_an_enumeration_fails_at_compose_time_naming_the_key_and_the_choices(override, key, allowed):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match=key.replace(".", r"\.")) as failure:
+        compose([override])
+    cause = str(failure.value.__cause__)
+    assert f"full_key: {key}" in cause and f"expected one of [{allowed}]" in cause
+
+
+def test_enumerated_values_compare_as_strings_and_save_as_plain_yaml():
+    cfg = compose(["precision=bf16", "trainer.on_nan=skip"])
+    assert cfg.precision == "bf16" and cfg.trainer.on_nan == "skip" and cfg.trainer.cross_entropy == "fused"
+    assert f"{cfg.precision}" == str(cfg.precision) == "bf16" and {"bf16": 2}[cfg.precision] == 2
+    saved = OmegaConf.create(OmegaConf.to_yaml(cfg, resolve=True))  # what a checkpoint's config.yaml reads back as
+    assert type(saved.precision) is str and saved.precision == "bf16" and saved.model.checkpoint_policy == "full"
+
+
+@pytest.mark.parametrize(
     "override, key",
     [
-        ("precision=fp16", "precision"),
-        ("scheduler.name=step", "scheduler.name"),
         ("trainer.micro_batch_size=0", "trainer.micro_batch_size"),
         ("dataset.eval_fraction=1.5", "dataset.eval_fraction"),
         ("+strategy.reshard=true", "strategy.reshard"),
         ("+optimizer.momentum=0.9", "optimizer.momentum"),
-        ("trainer.cross_entropy=liger", "trainer.cross_entropy"),
-        ("model.checkpoint_policy=some", "model.checkpoint_policy"),
         ("model.checkpoint_every_n_layers=0", "model.checkpoint_every_n_layers"),
         ("trainer.ce_chunk_size=0", "trainer.ce_chunk_size"),
     ],
