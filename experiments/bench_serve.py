@@ -1,74 +1,115 @@
-"""CPU latency of the serving API on a checkpoint: time to first streamed token and decode tokens/s.
+#!/usr/bin/env python
+"""Latency of the serving API on a checkpoint, on CPU: time to the first streamed token and decode tokens/s.
 
-    python experiments/bench_serve.py ckpt=outputs/embedded [requests=10] [max_tokens=64]
+Starts the package's server (`python -m llama2_sft.serve ckpt=... port=...`, as the README does) on 127.0.0.1 in a
+child process, sends one warm-up and then `--requests` streamed /v1/chat/completions requests one at a time
+(temperature 1, so replies run to max_tokens or EOS), and stops it.
 
-Runs a real uvicorn server on 127.0.0.1 in this process and streams /v1/chat/completions requests (temperature 1,
-so replies run to max_tokens or EOS); writes bench_serve.md next to this script.
+    python experiments/bench_serve.py                    # outputs/embedded (train it first: python train.py)
+    python experiments/bench_serve.py --ckpt PATH --quick
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
 import socket
-import statistics
+import subprocess
 import sys
-import threading
+import tempfile
 import time
+from pathlib import Path
+
+from bench_common import HERE, ROOT, child_env, command_line, fmt, machine_info, median, write_results
+
+PROMPTS = ["3 加 4 等于几？", "Reverse the letters: a b c", "Write cat in uppercase.", "37 后面的数是几？"]
 
 
-def main(argv: list[str]) -> None:
-    import httpx
-    import uvicorn
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from llama2_sft.consolidate import load_model
-    from llama2_sft.serve.api import ServeSettings, create_app
-
-    options = dict(arg.split("=", 1) for arg in argv)
-    loaded = load_model(options["ckpt"], "cpu", "fp32")
-    requests, max_tokens = int(options.get("requests", 10)), int(options.get("max_tokens", 64))
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(loaded, ServeSettings()), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    prompts = ["3 加 4 等于几？", "Reverse the letters: a b c", "Write cat in uppercase.", "37 后面的数是几？"]
-    first_token, rates = [], []
-    for index in range(requests + 1):
-        body = {"messages": [{"role": "user", "content": prompts[index % len(prompts)]}], "max_tokens": max_tokens,
-                "temperature": 1.0, "seed": index, "stream": True}
-        started = time.perf_counter()
-        first = None
-        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120) as response:
-            for line in response.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    first = time.perf_counter() - started
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-        total = time.perf_counter() - started
-        if index == 0:
-            continue  # warm-up
-        first_token.append(first if first is not None else total)
-        if tokens > 1 and first is not None:
-            rates.append((tokens - 1) / max(total - first, 1e-9))
-    server.should_exit = True
-    params = sum(p.numel() for p in loaded.model.parameters())
-    table = (f"# Serving latency (CPU)\n\nCheckpoint `{options['ckpt']}` ({params:,} parameters, fp32), {requests} streamed "
-             f"requests after one warm-up, max_tokens={max_tokens}, one request at a time, 127.0.0.1.\n\n"
-             "| metric | median | min | max |\n|---|---:|---:|---:|\n"
-             f"| time to first token (ms) | {1000 * statistics.median(first_token):.1f} | {1000 * min(first_token):.1f} | {1000 * max(first_token):.1f} |\n"
-             f"| decode tokens/s | {statistics.median(rates):.1f} | {min(rates):.1f} | {max(rates):.1f} |\n\n"
-             f"Reproduce: `python experiments/bench_serve.py ckpt={options['ckpt']} requests={requests} max_tokens={max_tokens}`\n")
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_serve.md"), "w") as handle:
-        handle.write(table)
-    print(table)
+        return sock.getsockname()[1]
+
+
+def stream_one(client, url: str, prompt: str, max_tokens: int, seed: int) -> dict:
+    """One streamed request: seconds to the first content chunk, total seconds, completion tokens."""
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 1.0,
+            "seed": seed, "stream": True}
+    started, first, tokens = time.perf_counter(), None, 0
+    with client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter() - started
+            tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+    total = time.perf_counter() - started
+    first = total if first is None else first
+    return {"first_token_s": first, "total_s": total, "tokens": tokens,
+            "decode_tokens_per_s": (tokens - 1) / max(total - first, 1e-9) if tokens > 1 else None}
+
+
+def plot(plt, out: dict):
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+    requests = out["requests"]
+    axes[0].bar(range(len(requests)), [1000 * r["first_token_s"] for r in requests])
+    axes[0].set_title("time to first token (ms), per request", fontsize=9)
+    axes[1].bar(range(len(requests)), [r["decode_tokens_per_s"] or 0 for r in requests])
+    axes[1].set_title("decode tokens/s, per request", fontsize=9)
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", default="outputs/embedded", help="a checkpoint (or run directory) train.py wrote")
+    parser.add_argument("--requests", type=int, default=10)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="3 requests of 16 tokens")
+    parser.add_argument("--out", default=str(HERE / "bench_serve"), help="output prefix (.json / .md / .png)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.requests, args.max_tokens = 3, 16
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "llama2_sft.serve", f"ckpt={args.ckpt}", f"port={port}"]
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would block the server
+    server = subprocess.Popen(cmd, cwd=ROOT, env=child_env(2, cpu_only=True), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with httpx.Client() as client:
+            deadline = time.time() + 180
+            while True:  # wait for the model to load
+                if server.poll() is not None:
+                    log.seek(0)
+                    raise SystemExit(f"the server exited: {log.read()[-2000:]}")
+                try:
+                    if client.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.time() > deadline:
+                    raise SystemExit("the server did not come up within 180 s")
+                time.sleep(0.2)
+            stream_one(client, url, PROMPTS[0], args.max_tokens, seed=0)  # warm-up
+            requests = [stream_one(client, url, PROMPTS[i % len(PROMPTS)], args.max_tokens, seed=i + 1)
+                        for i in range(args.requests)]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    out = {"command": command_line("bench_serve.py", argv), "machine": machine_info("torch"), "args": vars(args),
+           "requests": requests}
+    first = [1000 * r["first_token_s"] for r in requests]
+    rates = [r["decode_tokens_per_s"] for r in requests if r["decode_tokens_per_s"]]
+    rows = [["time to first token (ms)", fmt(median(first), ".1f"), fmt(min(first), ".1f"), fmt(max(first), ".1f")],
+            ["decode tokens/s", fmt(median(rates), ".1f"), fmt(min(rates, default=None), ".1f"), fmt(max(rates, default=None), ".1f")]]
+    title = f"Serving latency on CPU: `{args.ckpt}`, {args.requests} streamed requests of up to {args.max_tokens} tokens"
+    write_results(Path(args.out), title, out, ["metric", "median", "min", "max"], rows, plot)
+    print(Path(args.out).with_suffix(".md").read_text())
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())
