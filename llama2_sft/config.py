@@ -74,7 +74,7 @@ class WandbMode(Choice):
 
 @dataclass
 class DatasetConfig:
-    source: Any = "data/train.jsonl"  # hub id, file, glob, directory, saved dataset dir, or a list of these
+    source: Any = "???"  # hub id, file, glob, directory, saved dataset dir, or a list; each dataset file sets it
     eval_source: Any = None  # held-out rows from a separate source; else eval_fraction of `source`
     eval_fraction: float = 0.0
     split: str = "train"
@@ -214,6 +214,9 @@ def validate(cfg: DictConfig) -> None:
                 "trainer.ce_chunk_size", "model.checkpoint_every_n_layers"):
         if OmegaConf.select(cfg, key) < 1:
             raise ValueError(f"{key}={OmegaConf.select(cfg, key)} must be >= 1")
+    if OmegaConf.is_missing(cfg.dataset, "source"):
+        raise ValueError("dataset.source is not set: dataset.source=/path/to/rows.jsonl (a file, glob, directory, "
+                         "saved dataset dir or hub id)")
     if cfg.trainer.max_steps < 1 and cfg.trainer.epochs <= 0:
         raise ValueError("trainer.max_steps or trainer.epochs must be positive")
     if not 0 <= cfg.dataset.eval_fraction < 1:

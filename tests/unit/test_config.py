@@ -55,13 +55,40 @@ def test_sft_7b_states_the_reference_recipe():
     assert cfg.precision == "bf16" and cfg.tf32 is True
     assert cfg.strategy._target_.endswith("FSDPStrategy") and cfg.strategy.reshard_after_forward is True
     assert cfg.model.gradient_checkpointing is True and cfg.model.checkpoint_policy == "full"
-    assert cfg.dataset.packing is True and cfg.trainer.cross_entropy == "fused"  # the fast paths are the default
+    assert cfg.dataset.packing is False and cfg.trainer.cross_entropy == "fused"  # the reference's padded batches
     assert "Llama-2-7b" in cfg.model.name_or_path
     assert cfg.dataset.source == "LinkSoul/instruction_merge_set" and cfg.dataset.max_length == 4096
     assert cfg.optimizer.lr == 2e-5 and cfg.optimizer.weight_decay == 0.0
     assert cfg.scheduler.name == "cosine" and cfg.scheduler.warmup_ratio == 0.03
     assert (cfg.trainer.micro_batch_size, cfg.trainer.grad_accum_steps, cfg.trainer.epochs) == (4, 1, 1)
     assert (cfg.trainer.save_steps, cfg.trainer.save_total_limit, cfg.trainer.max_grad_norm) == (1200, 5, 1.0)
+
+
+def test_sft_7b_composes_to_the_reference_batches_of_32_padded_samples_per_step_on_8_gpus():
+    cfg = compose(["+experiment=sft_7b"])
+    assert cfg.dataset.packing is False and cfg.dataset.max_length == 4096
+    assert cfg.trainer.micro_batch_size * 8 * cfg.trainer.grad_accum_steps == 32
+    assert (cfg.trainer.max_steps, cfg.trainer.epochs) == (-1, 1)  # one epoch: 10M rows / 32 steps
+
+
+def test_sft_7b_packed_changes_only_packing_and_the_rows_per_gpu():
+    base, packed = compose(["+experiment=sft_7b"]), compose(["+experiment=sft_7b_packed"])
+    assert packed.dataset.packing is True and packed.trainer.micro_batch_size == 1
+    assert packed.experiment_name == "sft_7b_packed" and packed.output_dir == "outputs/sft_7b_packed"
+    base_values, packed_values = (OmegaConf.to_container(cfg, resolve=True) for cfg in (base, packed))
+    for values in (base_values, packed_values):
+        del values["dataset"]["packing"], values["trainer"]["micro_batch_size"], values["experiment_name"]
+        del values["output_dir"], values["logger"]["wandb"]["name"]
+    assert base_values == packed_values
+
+
+@pytest.mark.parametrize("reference, zero3", [("sft_7b", "sft_7b_zero3"), ("sft_7b_packed", "sft_7b_zero3_packed")])
+def test_the_zero3_experiments_only_swap_the_strategy(reference, zero3):
+    base, swapped = compose([f"+experiment={reference}"]), compose([f"+experiment={zero3}"])
+    assert swapped.strategy._target_.endswith("DeepSpeedStrategy") and swapped.strategy.stage == 3
+    assert swapped.experiment_name == zero3
+    for key in ("precision", "tf32", "optimizer", "scheduler", "trainer", "dataset", "model"):
+        assert OmegaConf.to_container(base)[key] == OmegaConf.to_container(swapped)[key], key
 
 
 def test_sft_7b_zero3_only_swaps_the_strategy():
@@ -71,6 +98,49 @@ def test_sft_7b_zero3_only_swaps_the_strategy():
         assert OmegaConf.to_container(base)[key] == OmegaConf.to_container(zero3)[key], key
 
 
+def _leaves(node, prefix=""):
+    """Dotted keys and values of a yaml body (dicts walked, lists kept whole)."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _body(path):
+    body = OmegaConf.to_container(OmegaConf.load(path))
+    body.pop("defaults", None), body.pop("hydra", None)
+    return body or {}
+
+
+@pytest.mark.parametrize(
+    "pattern, package",
+    [("train.yaml", ""), ("dataset/*.yaml", "dataset."), ("model/*.yaml", "model."), ("logger/*.yaml", "logger.")],
+)
+def test_config_files_repeat_no_schema_default(pattern, package):
+    from llama2_sft.config import TrainConfig
+
+    defaults = dict(_leaves(OmegaConf.to_container(OmegaConf.structured(TrainConfig), enum_to_str=True)))
+    for path in glob.glob(os.path.join(CONF_DIR, pattern)):
+        for key, value in _leaves(_body(path), package):
+            assert value != defaults.get(key), f"{os.path.relpath(path, CONF_DIR)}: {key}={value!r} is the schema's default"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_an_experiment_file_states_only_what_it_changes(experiment):
+    path = os.path.join(CONF_DIR, "experiment", f"{experiment}.yaml")
+    parent = []  # the experiment's defaults list as overrides: what is in effect before its own keys
+    for entry in OmegaConf.to_container(OmegaConf.load(path)).get("defaults", []):
+        if isinstance(entry, dict):
+            (group, choice), = entry.items()
+            parent.append(f"{group.removeprefix('override /')}={choice}")
+        elif entry != "_self_":
+            parent.append(f"+experiment={entry}")
+    in_effect = compose(parent)
+    for key, value in _leaves(_body(path)):
+        assert value != OmegaConf.select(in_effect, key), f"{experiment}: {key}={value!r} is already in effect"
+
+
 def test_misspelled_key_fails_at_compose_time_naming_it():
     from hydra.errors import ConfigCompositionException
 
@@ -78,6 +148,11 @@ def test_misspelled_key_fails_at_compose_time_naming_it():
         compose(["dataset.max_lenght=10"])
     with pytest.raises(ConfigCompositionException, match="micro_batch"):
         compose(["trainer.micro_batch=2"])
+
+
+def test_a_dataset_without_a_source_fails_validation_naming_the_key():
+    with pytest.raises(ValueError, match=r"dataset\.source is not set"):
+        validate(compose(["dataset=jsonl"]))
 
 
 def test_wrong_type_fails_at_compose_time_naming_the_key():
