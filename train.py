@@ -36,8 +36,8 @@ def main(cfg: DictConfig) -> dict:
     from llama2_sft.data.loader import BatchLayout, SFTLoader
     from llama2_sft.data.tokenize import prepare_dataset
     from llama2_sft.model import build_meta_model, build_model, load_tokenizer, prepare_for_training, tokenizer_path
-    from llama2_sft.strategy import ModelFactory
-    from llama2_sft.trainer import Trainer
+    from llama2_sft.strategy import ModelFactory, StepSettings
+    from llama2_sft.train.loop import Trainer
 
     validate(cfg)  # bad keys and impossible values fail here, before any heavy work
     ctx = init_distributed()
@@ -65,12 +65,10 @@ def main(cfg: DictConfig) -> dict:
             build_full=lambda device, precision: build_model(cfg.model, tokenizer, precision, device, cfg.seed),
             build_meta=lambda: build_meta_model(cfg.model, tokenizer, "fp32"),
             build_optimizer=lambda named_params: instantiate(cfg.optimizer, params=named_params, _convert_="all"),
-            precision=cfg.precision,
             prepare=lambda model: prepare_for_training(model, cfg.model, cfg.trainer),
-            config=cfg,
         )
         strategy = instantiate(cfg.strategy)
-        strategy.setup(ctx, factory)
+        strategy.setup(ctx, factory, StepSettings(cfg.precision, layout, cfg.trainer.max_grad_norm))
 
         trainer = Trainer(cfg, ctx, strategy, tokenizer, loader, data.eval, tokenizer_dir=_local_dir(tokenizer_path(cfg.model)))
         trainer.resume(resolve_resume(cfg.resume, cfg.output_dir))

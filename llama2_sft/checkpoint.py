@@ -1,17 +1,17 @@
-"""Atomic, sharded checkpoints and resume.
+"""The checkpoint format: where checkpoints live, which are complete, which to resume from, rotation, RNG state.
+Written by `llama2_sft.train.checkpointer`; read by it and by the inference loader.
 
 Layout: `<output_dir>/checkpoints/step_00001200/` holding the strategy's sharded model + optimizer state
-(`model_optim/` for DCP, `deepspeed/` for ZeRO), `trainer_state.json` (step, tokens seen, loader position,
-W&B run id), `rng_rank{r}.pt`, the resolved `config.yaml`, the model's `config.json`, the tokenizer files, and a
-`COMPLETE` marker. A checkpoint is written under `.tmp-step_...`, marked complete, renamed, and only then is the
-`latest` pointer replaced; rotation deletes old checkpoints only after the new one is complete. A directory
-without the marker (a crash mid-write) is never loaded.
+(`model_optim/` for DCP, `deepspeed/` for ZeRO), `trainer_state.json` (step, world size, and the state of each
+stateful part of the loop: trainer counters, loader position, W&B run id, eval losses), `rng_rank{r}.pt`, the
+resolved `config.yaml`, the model's `config.json`, the tokenizer files, and a `COMPLETE` marker. A checkpoint is
+written under `.tmp-step_...`, marked complete, renamed, and only then is the `latest` pointer replaced; rotation
+deletes old checkpoints only after the new one is complete. A directory without the marker (a crash mid-write) is
+never loaded.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import random
 import re
@@ -20,10 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from llama2_sft.distributed import DistContext, barrier
-
-log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -39,7 +35,7 @@ def is_complete(path: str) -> bool:
     return os.path.isfile(os.path.join(path, COMPLETE))
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as handle:
         handle.write(text)
@@ -114,47 +110,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(strategy: Any, ctx: DistContext, output_dir: str, step: int, trainer_state: dict,
-                    config_yaml: str, model_config: Any, tokenizer_dir: str | None, keep: int) -> str:
-    """Write checkpoint `step` atomically on all ranks; returns its final path."""
-    root = checkpoints_dir(output_dir)
-    name = f"step_{step:08d}"
-    tmp, final = os.path.join(root, f".tmp-{name}"), os.path.join(root, name)
-    if ctx.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    try:
-        strategy.save(tmp)
-        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{ctx.rank}.pt"))
-    except OSError as error:  # disk full, quota, I/O error: keep what we had, say so, stop
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(output_dir)
-        raise RuntimeError(f"writing checkpoint {final} failed on rank {ctx.rank}: {error}. Nothing was replaced: "
-                           f"the latest complete checkpoint is still {previous}") from error
-    barrier()
-    if ctx.is_main:
-        state = dict(trainer_state, step=step, world_size=ctx.world_size)
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as handle:
-            json.dump(state, handle, indent=2)
-        with open(os.path.join(tmp, "config.yaml"), "w") as handle:
-            handle.write(config_yaml)
-        if model_config is not None:
-            model_config.save_pretrained(tmp)
-        if tokenizer_dir and os.path.isdir(tokenizer_dir):
-            for file in TOKENIZER_FILES:
-                if os.path.isfile(os.path.join(tokenizer_dir, file)):
-                    shutil.copy2(os.path.join(tokenizer_dir, file), os.path.join(tmp, file))
-        _write_atomic(os.path.join(tmp, COMPLETE), json.dumps({"step": step}) + "\n")
-        if os.path.exists(final):  # re-saving a step (e.g. after a resume): the old copy goes only now
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(os.path.join(root, LATEST), name + "\n")
-        rotate(output_dir, keep)
-    barrier()
-    return final
-
-
 def rotate(output_dir: str, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints (never the newest; `keep` < 1 keeps all)."""
     if keep < 1:
@@ -162,19 +117,3 @@ def rotate(output_dir: str, keep: int) -> None:
     complete = complete_checkpoints(output_dir)
     for _, path in complete[: max(0, len(complete) - keep)]:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def load_checkpoint(strategy: Any, ctx: DistContext, path: str) -> dict:
-    """Restore model, optimizer and this rank's RNG from a complete checkpoint; returns its trainer state."""
-    if not is_complete(path):
-        raise ValueError(f"{path}: incomplete checkpoint (no {COMPLETE} marker); refusing to load it")
-    strategy.load(path)
-    with open(os.path.join(path, "trainer_state.json")) as handle:
-        state = json.load(handle)
-    rng_file = os.path.join(path, f"rng_rank{ctx.rank}.pt")
-    if state.get("world_size") == ctx.world_size and os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    elif ctx.is_main:
-        log.warning("resuming on %d ranks from a %s-rank checkpoint: RNG streams are re-seeded, data order is kept",
-                    ctx.world_size, state.get("world_size"))
-    return state

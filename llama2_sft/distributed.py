@@ -89,11 +89,3 @@ def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
-
-def broadcast_object(value, src: int = 0):
-    """Rank `src`'s Python object, on every rank."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]

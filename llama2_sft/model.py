@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from llama2_sft.loss import forward_logits, install_fused_head, summed_cross_entropy  # noqa: F401 - re-exported
+from llama2_sft.loss import install_fused_head
 
 log = logging.getLogger(__name__)
 

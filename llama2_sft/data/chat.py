@@ -320,3 +320,14 @@ def generation_prompt(tokenizer: Any, messages: Sequence[dict], system_prompt: s
     if messages[-1]["role"] != "user":
         raise MessageError("not_user_last", "a generation prompt must end with a user message")
     return ids
+
+
+def answer_split(input_ids: Sequence[int], labels: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Split a tokenized dialog into (prompt for the last reply, that reply's ids without EOS)."""
+    end = len(labels)
+    while end > 0 and labels[end - 1] == IGNORE_INDEX:
+        end -= 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return list(input_ids[:start]), list(labels[start: end - 1])

@@ -1,14 +1,22 @@
-"""The one interface the training loop talks to. A new strategy subclasses `Strategy`; the loop does not change."""
+"""The one interface the training loop talks to. A new strategy subclasses `Strategy`; the loop does not change.
+
+A strategy receives what it needs to place and step the model (`ModelFactory`: how to build it; `StepSettings`:
+precision, batch layout, clip value), never the run config. The loop calls, per optimizer step:
+`micro_step_context` / `forward_context` / `backward` for each micro-batch, then `step(loss)` once, which clips,
+applies the non-finite policy's precondition (never update from a non-finite step), steps and zeroes gradients.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 
+from llama2_sft.data.loader import BatchLayout
 from llama2_sft.distributed import DistContext
 
 
@@ -18,29 +26,41 @@ class ModelFactory:
 
     # loaded / seeded weights on a device, stored in a dtype ("fp32" master weights for torch strategies)
     build_full: Callable[[torch.device | str, str], torch.nn.Module]
-    build_meta: Callable[[], torch.nn.Module]  # the architecture without storage
+    build_meta: Callable[[], torch.nn.Module] | None  # the architecture without storage (FSDP ranks > 0)
     build_optimizer: Callable[[Any], torch.optim.Optimizer]  # named parameters -> optimizer
-    precision: str  # fp32 | bf16
     # training-time transforms (fused CE head, activation checkpointing, compile), applied before wrapping
     prepare: Callable[[torch.nn.Module], Any] = lambda model: model
-    config: Any = None  # the resolved run config (DeepSpeed derives its JSON from it)
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How the model computes and steps: the few run settings a strategy may read."""
+
+    precision: str = "fp32"  # fp32 | bf16 (compute dtype; master weights stay fp32)
+    layout: BatchLayout = BatchLayout(1, 1, 1)  # micro-batch x accumulation x world size
+    max_grad_norm: float = 1.0  # <= 0: no clipping
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What `Strategy.step` did: the gradient norm before clipping, and whether the update was applied."""
+
+    grad_norm: float
+    applied: bool
 
 
 class Strategy:
-    """Wraps model and optimizer; runs backward, clipping, stepping, and sharded save / load."""
-
-    name = "base"
-    # Gradients of data-parallel strategies are averaged over ranks; the loop multiplies the (globally
-    # token-normalised) loss by world size to turn that mean back into the sum it wants.
-    averages_gradients_over_ranks = True
+    """Wraps model and optimizer; runs backward, the optimizer step, and sharded save / load."""
 
     def __init__(self) -> None:
-        self.ctx: DistContext | None = None
+        self.ctx: DistContext = DistContext()
+        self.settings = StepSettings()
         self.model: torch.nn.Module | None = None  # call this for forward passes
         self.optimizer: torch.optim.Optimizer | None = None
 
     # --- construction -------------------------------------------------------------------------------------
-    def setup(self, ctx: DistContext, factory: ModelFactory) -> None:
+    def setup(self, ctx: DistContext, factory: ModelFactory, settings: StepSettings) -> None:
+        """Build, place and wrap the model and its optimizer (all ranks call this)."""
         raise NotImplementedError
 
     # --- one step -----------------------------------------------------------------------------------------
@@ -53,26 +73,29 @@ class Strategy:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor, is_last: bool) -> None:
-        """Accumulate this micro-batch's gradients (`is_last`: the step's final micro-batch)."""
-        loss.backward()
+        """Accumulate the gradient of `loss`, this micro-batch's share of the global batch's mean loss.
+
+        Data-parallel gradients are averaged over ranks; scaling by the world size turns that mean back into the
+        sum of the ranks' shares, so the result is the gradient of the global mean whatever the split."""
+        (loss * self.ctx.world_size).backward()
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """Clip (if max_norm > 0) and return the global gradient norm before clipping."""
+    def step(self, loss: float) -> StepOutcome:
+        """Clip, step and zero gradients; a step whose loss or gradient norm is not finite is not applied."""
+        max_norm = self.settings.max_grad_norm
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        if hasattr(norm, "full_tensor"):
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding this rank's part of the norm
             norm = norm.full_tensor()
-        return float(norm)
-
-    def optimizer_step(self) -> None:
-        self.optimizer.step()
-
-    def zero_grad(self) -> None:
+        grad_norm = float(norm)
+        applied = math.isfinite(loss) and math.isfinite(grad_norm)
+        if applied:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return StepOutcome(grad_norm, applied)
 
     # --- state ----------------------------------------------------------------------------------------------
     def save(self, directory: str) -> None:
@@ -84,8 +107,12 @@ class Strategy:
         raise NotImplementedError
 
     def unwrapped_model(self) -> torch.nn.Module:
-        """The underlying transformers model (for generate and config)."""
+        """The underlying transformers model (for generate, config and state)."""
         return self.model
+
+    def num_parameters(self) -> int:
+        """Parameters of the whole model (not of this rank's shard), for MFU."""
+        return sum(p.numel() for p in self.unwrapped_model().parameters())  # DTensor.numel() is the global size
 
     @contextlib.contextmanager
     def eval_mode(self) -> Iterator[None]:
@@ -105,11 +132,8 @@ class TorchStrategy(Strategy):
     def _state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_state, optim_state = get_state_dict(self.unwrapped_for_state(), self.optimizer)
+        model_state, optim_state = get_state_dict(self.unwrapped_model(), self.optimizer)
         return {"model": model_state, "optimizer": optim_state}
-
-    def unwrapped_for_state(self) -> torch.nn.Module:
-        return self.model
 
     def save(self, directory: str) -> None:
         import torch.distributed.checkpoint as dcp
@@ -122,5 +146,5 @@ class TorchStrategy(Strategy):
 
         state = self._state()
         dcp.load(state, checkpoint_id=os.path.join(directory, "model_optim"))
-        set_state_dict(self.unwrapped_for_state(), self.optimizer,
+        set_state_dict(self.unwrapped_model(), self.optimizer,
                        model_state_dict=state["model"], optim_state_dict=state["optimizer"])

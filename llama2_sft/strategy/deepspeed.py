@@ -3,15 +3,15 @@ is no hand-kept JSON to drift; the torch optimizer built by `optimizer._target_`
 
 from __future__ import annotations
 
-import contextlib
 import importlib
+import math
 import os
 from typing import Any
 
 import torch
 
 from llama2_sft.distributed import DistContext
-from llama2_sft.strategy.base import ModelFactory, Strategy
+from llama2_sft.strategy.base import ModelFactory, StepOutcome, StepSettings, Strategy
 
 
 def deepspeed_config(*, stage: int, precision: str, micro_batch_size: int, grad_accum_steps: int, world_size: int,
@@ -39,7 +39,9 @@ def deepspeed_config(*, stage: int, precision: str, micro_batch_size: int, grad_
         "gradient_accumulation_steps": grad_accum_steps,
         "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
         "gradient_clipping": max_grad_norm if max_grad_norm > 0 else 0.0,
-        "bf16": {"enabled": precision == "bf16"},
+        # check_grad_overflow: skip an update whose gradient norm is not finite (DeepSpeed does so by default
+        # only for fp16 and fp32), so every strategy shares one non-finite policy
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": False},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
@@ -51,8 +53,6 @@ def deepspeed_config(*, stage: int, precision: str, micro_batch_size: int, grad_
 
 class DeepSpeedStrategy(Strategy):
     """ZeRO via the DeepSpeed engine under torchrun (works on CPU with gloo; `accelerate launch` does not)."""
-
-    name = "deepspeed"
 
     def __init__(self, stage: int = 3, offload_optimizer: bool = False, offload_param: bool = False,
                  overlap_comm: bool = True, contiguous_gradients: bool = True) -> None:
@@ -66,19 +66,18 @@ class DeepSpeedStrategy(Strategy):
         self.offload_param = offload_param
         self.overlap_comm = overlap_comm
         self.contiguous_gradients = contiguous_gradients
-        self._last_norm = 0.0
 
-    def setup(self, ctx: DistContext, factory: ModelFactory) -> None:
+    def setup(self, ctx: DistContext, factory: ModelFactory, settings: StepSettings) -> None:
         try:
             import deepspeed
         except ImportError as error:
             raise ValueError("strategy=deepspeed_* needs DeepSpeed: pip install 'llama2_sft[deepspeed]'") from error
-        cfg = factory.config
-        self.ctx = ctx
+        self.ctx, self.settings = ctx, settings
+        layout = settings.layout
         self.ds_config = deepspeed_config(
-            stage=self.stage, precision=factory.precision, micro_batch_size=cfg.trainer.micro_batch_size,
-            grad_accum_steps=cfg.trainer.grad_accum_steps, world_size=ctx.world_size,
-            max_grad_norm=cfg.trainer.max_grad_norm, offload_optimizer=self.offload_optimizer,
+            stage=self.stage, precision=settings.precision, micro_batch_size=layout.micro_batch_size,
+            grad_accum_steps=layout.grad_accum_steps, world_size=layout.world_size,
+            max_grad_norm=settings.max_grad_norm, offload_optimizer=self.offload_optimizer,
             offload_param=self.offload_param, overlap_comm=self.overlap_comm and ctx.device.type == "cuda",
             contiguous_gradients=self.contiguous_gradients,
         )
@@ -88,7 +87,7 @@ class DeepSpeedStrategy(Strategy):
             # that only speeds up CPU all-reduce; plain gloo collectives are exact and need no build.
             # (importlib: `import deepspeed.comm.torch` would resolve to the torch library re-exported there)
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-        if ctx.distributed:  # let deepspeed.comm adopt the existing process group before it reads the world size
+        if torch.distributed.is_initialized():  # deepspeed.comm adopts the process group before reading the world size
             deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
         hf_ds_config = None
         if self.stage == 3:
@@ -96,41 +95,32 @@ class DeepSpeedStrategy(Strategy):
             # checkpoint shard by shard: no rank ever holds a full copy.
             from transformers.integrations import HfDeepSpeedConfig
 
-            hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # noqa: F841 - must stay alive through build
-        model = factory.build_full(ctx.device, factory.precision)  # DeepSpeed keeps its own fp32 master copy
+            hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+        model = factory.build_full(ctx.device, settings.precision)  # DeepSpeed keeps its own fp32 master copy
         factory.prepare(model)
         optimizer = factory.build_optimizer(model.named_parameters())
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
                                                           dist_init_required=False)
-        self._hf_ds_config = hf_ds_config
+        self._hf_ds_config = hf_ds_config  # must stay alive as long as the partitioned model
         self.engine = engine
         self.model = engine
         self.optimizer = ds_optimizer
 
     def backward(self, loss: torch.Tensor, is_last: bool) -> None:
-        # The loop already normalised the loss over the whole global batch; stop DeepSpeed dividing it again.
-        self.engine.backward(loss, scale_wrt_gas=False)
+        # The loop already normalised the loss over the whole global batch; stop DeepSpeed dividing it again, and
+        # undo its averaging over ranks as the base class does.
+        self.engine.backward(loss * self.ctx.world_size, scale_wrt_gas=False)
         if not is_last:
             self.engine.step()  # DeepSpeed counts micro-steps in step(); off the boundary it only accumulates
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        return float("nan")  # DeepSpeed clips inside step(); the norm is read after it (see optimizer_step)
-
-    def optimizer_step(self) -> None:
+    def step(self, loss: float) -> StepOutcome:
+        """DeepSpeed clips, checks the gradient norm and steps inside `engine.step()` (which also zeroes the
+        gradients). Its overflow check (on for every precision, see `deepspeed_config`) skips an update whose
+        gradient norm is not finite; a non-finite loss gives non-finite gradients, so it is skipped the same way."""
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        self._last_norm = float(norm) if norm is not None else float("nan")
-
-    @property
-    def last_grad_norm(self) -> float:
-        return self._last_norm
-
-    def zero_grad(self) -> None:
-        pass  # engine.step() zeroes gradients at the accumulation boundary
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        grad_norm = float(norm) if norm is not None else float("nan")
+        return StepOutcome(grad_norm, bool(self.engine.was_step_applied()) and math.isfinite(loss))
 
     def save(self, directory: str) -> None:
         self.engine.save_checkpoint(directory, tag="deepspeed", save_latest=False)
@@ -143,7 +133,6 @@ class DeepSpeedStrategy(Strategy):
     def unwrapped_model(self) -> torch.nn.Module:
         return self.engine.module
 
-    @contextlib.contextmanager
-    def eval_mode(self):
-        with super().eval_mode():
-            yield
+    def num_parameters(self) -> int:
+        # ZeRO-3 partitions parameters in place: each keeps its full size in `ds_numel`
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())

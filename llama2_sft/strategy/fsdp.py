@@ -10,31 +10,28 @@ import torch.distributed as dist
 
 from llama2_sft.distributed import DistContext
 from llama2_sft.model import decoder_layers, reset_rotary_buffers
-from llama2_sft.strategy.base import ModelFactory, TorchStrategy
+from llama2_sft.strategy.base import ModelFactory, StepSettings, TorchStrategy
 
 
 class FSDPStrategy(TorchStrategy):
     """Full-shard data parallel. Sharded params are fp32 (the optimizer's master copy); with precision=bf16 they
     are all-gathered in bf16 for compute and gradients are reduced in fp32."""
 
-    name = "fsdp"
-
     def __init__(self, reshard_after_forward: bool = True, cpu_offload: bool = False) -> None:
         super().__init__()
         self.reshard_after_forward = reshard_after_forward
         self.cpu_offload = cpu_offload
 
-    def setup(self, ctx: DistContext, factory: ModelFactory) -> None:
+    def setup(self, ctx: DistContext, factory: ModelFactory, settings: StepSettings) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-        self.ctx = ctx
-        distributed = dist.is_available() and dist.is_initialized()
-        if not distributed:
+        if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("strategy=fsdp needs a process group: launch with torchrun (even --nproc_per_node=1), "
                              "or use strategy=single for one process")
-        if ctx.rank == 0 or not distributed:
+        self.ctx, self.settings = ctx, settings
+        if ctx.rank == 0:
             model = factory.build_full("cpu", "fp32")  # fp32 master weights, sharded below
             full_state = model.state_dict()
         else:
@@ -42,10 +39,10 @@ class FSDPStrategy(TorchStrategy):
             full_state = {}
         factory.prepare(model)
 
-        mesh = init_device_mesh(ctx.device.type, (ctx.world_size,)) if distributed else None
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if factory.precision == "bf16" else MixedPrecisionPolicy()
-        kwargs = {"mesh": mesh, "mp_policy": policy, "reshard_after_forward": self.reshard_after_forward}
+            if settings.precision == "bf16" else MixedPrecisionPolicy()
+        kwargs = {"mesh": init_device_mesh(ctx.device.type, (ctx.world_size,)), "mp_policy": policy,
+                  "reshard_after_forward": self.reshard_after_forward}
         if self.cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy()
         for layer in decoder_layers(model):
@@ -53,11 +50,11 @@ class FSDPStrategy(TorchStrategy):
         fully_shard(model, **kwargs)
 
         target = "cpu" if self.cpu_offload else ctx.device
-        if ctx.rank != 0 and distributed:
-            model.to_empty(device=target)
-        else:
+        if ctx.rank == 0:
             model.to(target)
-        set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed))
+        else:
+            model.to_empty(device=target)
+        set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         reset_rotary_buffers(model, ctx.device)
         del full_state
         model.train()

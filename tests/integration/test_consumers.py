@@ -39,7 +39,8 @@ def _eval_loss(model, run_dir) -> float:
     from llama2_sft.data.chat import IGNORE_INDEX
     from llama2_sft.data.loader import eval_batches
     from llama2_sft.data.tokenize import prepare_dataset
-    from llama2_sft.model import load_tokenizer, summed_cross_entropy, tokenizer_path
+    from llama2_sft.loss import summed_cross_entropy
+    from llama2_sft.model import load_tokenizer, tokenizer_path
 
     cfg = OmegaConf.load(os.path.join(run_dir, "checkpoints", "step_00000002", "config.yaml"))
     tokenizer = load_tokenizer(cfg.model)

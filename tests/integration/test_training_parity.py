@@ -186,7 +186,7 @@ def test_wandb_logs_offline_without_network_and_a_resumed_run_keeps_its_run_id(w
     run_dirs = sorted(d for d in os.listdir(out / "wandb") if d.startswith("offline-run-"))
     assert len(run_dirs) == 2 and len({d.rsplit("-", 1)[1] for d in run_dirs}) == 1
     with open(out / "checkpoints" / "step_00000004" / "trainer_state.json") as handle:
-        assert json.load(handle)["wandb_run_id"] == run_dirs[0].rsplit("-", 1)[1]
+        assert json.load(handle)["metrics"]["wandb_run_id"] == run_dirs[0].rsplit("-", 1)[1]
 
 
 def test_two_nodes_of_one_process_over_c10d_rendezvous_match_the_single_process_losses(workdir, tiny_checkpoint, straight_runs):

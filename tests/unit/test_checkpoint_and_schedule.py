@@ -99,8 +99,8 @@ def test_norms_and_biases_are_excluded_from_weight_decay():
 
 
 def test_a_failing_checkpoint_write_keeps_the_previous_checkpoint_and_says_so(tmp_path):
-    from llama2_sft.checkpoint import save_checkpoint
     from llama2_sft.distributed import DistContext
+    from llama2_sft.train.checkpointer import Checkpointer
 
     previous = make_ckpt(tmp_path, 2)
     (tmp_path / "checkpoints" / "latest").write_text("step_00000002\n")
@@ -112,6 +112,6 @@ def test_a_failing_checkpoint_write_keeps_the_previous_checkpoint_and_says_so(tm
             raise OSError(28, "No space left on device")
 
     with pytest.raises(RuntimeError, match=r"No space left on device.*still .*step_00000002"):
-        save_checkpoint(DiskFull(), DistContext(), str(tmp_path), 4, {}, "", None, None, keep=1)
+        Checkpointer(DiskFull(), DistContext(), str(tmp_path), keep=1).save(4, last_step=True)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step_00000002"]
     assert latest_checkpoint(str(tmp_path)) == str(previous)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama2_sft.metrics import flops_per_token, model_flops_utilization, peak_flops
+from llama2_sft.train.metrics import flops_per_token, model_flops_utilization, peak_flops
 
 LLAMA2_7B_PARAMS = 6_738_415_616  # meta-llama/Llama-2-7b-hf, embeddings and LM head included
 

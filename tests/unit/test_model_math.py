@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama2_sft.data.chat import IGNORE_INDEX
 from llama2_sft.data.collate import block_causal_mask, collate_packed, collate_padded
-from llama2_sft.model import summed_cross_entropy
+from llama2_sft.loss import summed_cross_entropy
 
 
 def tiny_model(attn: str) -> LlamaForCausalLM:
