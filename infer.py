@@ -5,7 +5,8 @@
     python infer.py ckpt=outputs/embedded input=q.jsonl output=a.jsonl       # batch: {"messages": [...]} per line
 
 ckpt may be a training run dir, one checkpoint (FSDP/DCP or DeepSpeed shards, consolidated on the fly) or a Hugging
-Face model dir. Prompts are built by the same encode_dialog that built the training data.
+Face model dir. Settings: conf/infer.yaml (schema: InferConfig in llama2_sft/config.py). Prompts are built by the
+same encode_dialog that built the training data; answers come from the one chat generator the API and the demo use.
 """
 
 from __future__ import annotations
@@ -16,26 +17,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-
-def _system_prompt(cfg: DictConfig, loaded) -> str | None:
-    from llama2_sft.inference.load import training_system_prompt
-    from llama2_sft.data.sources import resolve_system_prompt
-
-    if cfg.system == "default":
-        return training_system_prompt(loaded)
-    return resolve_system_prompt(cfg.system)
+from llama2_sft.config import CONF_DIR, register_app_configs
 
 
-def _with_system(system: str | None, messages: list[dict]) -> list[dict]:
-    if system and (not messages or messages[0]["role"] != "system"):
-        return [{"role": "system", "content": system}, *messages]
-    return messages
-
-
-def _batch(cfg: DictConfig, loaded, sampling, system: str | None) -> None:
+def _batch(cfg: DictConfig, generator, sampling, system: str | None) -> None:
     from tqdm import tqdm
 
-    from llama2_sft.data.chat import generation_prompt
     from llama2_sft.inference.generate import generate_ids
 
     with open(cfg.input, encoding="utf-8") as handle:
@@ -46,24 +33,35 @@ def _batch(cfg: DictConfig, loaded, sampling, system: str | None) -> None:
         if not messages:
             raise ValueError(f"{cfg.input}:{number}: expected a 'messages' list or a 'prompt' string")
         try:
-            prompts.append(generation_prompt(loaded.tokenizer, _with_system(system, messages)))
+            prompts.append(generator.prepare(messages, system).ids)
         except ValueError as error:
             raise ValueError(f"{cfg.input}:{number}: {error}") from error
-    device = next(loaded.model.parameters()).device
+    tokenizer = generator.tokenizer
     with open(cfg.output, "w", encoding="utf-8") as out:
         for start in tqdm(range(0, len(prompts), cfg.batch_size), desc="generating", unit="batch"):
-            ids = generate_ids(loaded.model, prompts[start: start + cfg.batch_size], pad_id=loaded.tokenizer.pad_token_id,
-                               eos_id=loaded.tokenizer.eos_token_id, sampling=sampling, device=device)
+            ids = generate_ids(generator.model, prompts[start: start + cfg.batch_size], pad_id=tokenizer.pad_token_id,
+                               eos_id=tokenizer.eos_token_id, sampling=sampling, device=generator.device)
             for row, answer in zip(rows[start: start + cfg.batch_size], ids):
-                row = dict(row, response=loaded.tokenizer.decode(answer, skip_special_tokens=True).strip())
+                row = dict(row, response=tokenizer.decode(answer, skip_special_tokens=True).strip())
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
     print(f"wrote {len(rows)} answers to {cfg.output}")
 
 
-def _interactive(cfg: DictConfig, loaded, sampling, system: str | None) -> None:
-    from llama2_sft.inference.generate import chat_reply
+def _answer(generator, messages: list[dict], system: str | None, sampling, seed: int) -> str | None:
+    """Print the reply to `messages` as it streams; Ctrl-C stops it. The reply, or None when stopped."""
+    prompt = generator.prepare(messages, system)
+    with generator.stream(prompt, sampling, seed=seed) as stream:
+        try:
+            for piece in stream:
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            stream.cancel()
+            print(" (stopped)", end="")
+    print()
+    return None if stream.result is None else stream.result["text"]
 
-    device = next(loaded.model.parameters()).device
+
+def _interactive(cfg: DictConfig, generator, sampling, system: str | None) -> None:
     history: list[dict] = []
     print("chat with the model: /reset clears the history, /system TEXT sets the system prompt, /exit quits")
     while True:
@@ -85,37 +83,38 @@ def _interactive(cfg: DictConfig, loaded, sampling, system: str | None) -> None:
             history = []
             print(f"(system prompt {'set' if system else 'removed'}; history cleared)")
             continue
-        history.append({"role": "user", "content": text})
         print("assistant> ", end="", flush=True)
-        result = chat_reply(loaded.model, loaded.tokenizer, _with_system(system, history), sampling, device,
-                            on_text=lambda piece: print(piece, end="", flush=True), seed=cfg.seed)
-        print()
-        history.append({"role": "assistant", "content": result["text"]})
+        try:
+            reply = _answer(generator, [*history, {"role": "user", "content": text}], system, sampling, cfg.seed)
+        except ValueError as error:  # e.g. the conversation outgrew the context: say so and keep the chat going
+            print(f"\n(error: {error}; /reset starts over)")
+            continue
+        if reply is not None:
+            history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
 
 
-@hydra.main(config_path="conf", config_name="infer", version_base="1.3")
+@hydra.main(config_path=CONF_DIR, config_name="infer", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from llama2_sft.inference.load import load_model
-    from llama2_sft.inference.generate import SamplingConfig, chat_reply
+    from llama2_sft.inference.chat import ChatGenerator
+    from llama2_sft.inference.generate import SamplingConfig
+    from llama2_sft.inference.load import load_model, system_prompt_setting
 
-    loaded = load_model(cfg.ckpt, cfg.device, cfg.dtype)
+    if cfg.input and not cfg.output:
+        raise ValueError("batch mode needs output=FILE.jsonl as well as input=")
+    loaded = load_model(cfg.ckpt, cfg.device.value, cfg.dtype.value)
+    generator = ChatGenerator(loaded)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty)
-    system = _system_prompt(cfg, loaded)
+    system = system_prompt_setting(loaded, cfg.system)
     if cfg.input:
-        if not cfg.output:
-            raise ValueError("batch mode needs output=FILE.jsonl as well as input=")
-        _batch(cfg, loaded, sampling, system)
+        _batch(cfg, generator, sampling, system)
     elif cfg.prompt is not None:
-        device = next(loaded.model.parameters()).device
-        messages = _with_system(system, [{"role": "user", "content": str(cfg.prompt)}])
-        chat_reply(loaded.model, loaded.tokenizer, messages, sampling, device,
-                   on_text=lambda piece: print(piece, end="", flush=True), seed=cfg.seed)
-        print()
+        _answer(generator, [{"role": "user", "content": str(cfg.prompt)}], system, sampling, cfg.seed)
     else:
-        _interactive(cfg, loaded, sampling, system)
+        _interactive(cfg, generator, sampling, system)
     sys.stdout.flush()
 
 
 if __name__ == "__main__":
+    register_app_configs()
     main()

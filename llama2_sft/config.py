@@ -263,3 +263,125 @@ def preflight(cfg: DictConfig, device: Any) -> None:
         positions = cfg.model.arch.get("max_position_embeddings", 2048)
     if cfg.dataset.max_length > positions:
         raise ValueError(f"dataset.max_length={cfg.dataset.max_length} exceeds the model's max_position_embeddings={positions}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The consumer apps: `infer.py`, `python -m llama2_sft.serve`, `python -m llama2_sft.serve.demo`,
+# `python -m llama2_sft.export`. Each is a Hydra app whose yaml (conf/<app>.yaml) names its schema below, so a
+# misspelled key or a value outside an Enum fails at compose time naming it. The defaults live here, once.
+
+import os  # noqa: E402 - this block belongs to the apps and is kept apart from the training schemas above
+from enum import Enum  # noqa: E402
+
+from omegaconf import MISSING  # noqa: E402
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+class Device(Enum):
+    """Where a loaded model runs; auto = CUDA, else MPS, else CPU (pick a GPU with CUDA_VISIBLE_DEVICES)."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class Dtype(Enum):
+    """The dtype a model is loaded in for inference; auto = bf16 on a CUDA device that has it, else fp32."""
+
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class ExportFormat(Enum):
+    hf = "hf"  # a Hugging Face directory (safetensors + tokenizer + chat template)
+    gguf = "gguf"  # one GGUF file for llama.cpp
+
+
+class ExportDtype(Enum):
+    """The dtype of the exported safetensors (format=hf)."""
+
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class GgufQuant(Enum):
+    """The storage of the GGUF tensors (format=gguf)."""
+
+    f16 = "f16"
+    q8_0 = "q8_0"
+    q4_0 = "q4_0"
+
+
+@dataclass
+class InferConfig:
+    """python infer.py ckpt=PATH [prompt="..."] [input=in.jsonl output=out.jsonl]"""
+
+    ckpt: str = MISSING  # a training run dir (its latest complete checkpoint), one checkpoint, or an HF dir / hub id
+    prompt: Optional[str] = None  # answer once (streamed); null and no input = interactive chat
+    input: Optional[str] = None  # batch mode: jsonl, one {"messages": [...]} (or {"prompt": "..."}) per line
+    output: Optional[str] = None  # batch mode answers: each input line + {"response": ...}
+    system: Optional[str] = "default"  # default = the system prompt training used; meta; none; or your text
+    batch_size: int = 8
+    max_new_tokens: int = 512
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 0.9
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    device: Device = Device.auto
+    dtype: Dtype = Dtype.auto
+
+
+@dataclass
+class ServeConfig:
+    """python -m llama2_sft.serve ckpt=PATH [port=8000] [host=127.0.0.1] [api_key=KEY]"""
+
+    ckpt: str = MISSING
+    host: str = "127.0.0.1"  # 0.0.0.0 to accept other machines
+    port: int = 8000
+    api_key: Optional[str] = "${oc.env:LLAMA2_SFT_API_KEY,null}"  # required on every route but /health when set
+    max_queue: int = 8  # requests admitted (waiting or running); one more gets 429
+    max_new_tokens_limit: int = 2048  # the most new tokens one request may ask for
+    system: Optional[str] = "default"  # for requests without a system message: default (training's), meta, none, text
+    device: Device = Device.auto
+    dtype: Dtype = Dtype.auto
+
+
+@dataclass
+class DemoConfig:
+    """python -m llama2_sft.serve.demo ckpt=PATH [port=7860] [host=127.0.0.1] [share=false]"""
+
+    ckpt: str = MISSING
+    host: str = "127.0.0.1"
+    port: int = 7860
+    share: bool = False  # a public gradio.live link
+    system: Optional[str] = "default"  # the system prompt box's first value: default (training's), meta, none, text
+    device: Device = Device.auto
+    dtype: Dtype = Dtype.auto
+
+
+@dataclass
+class ExportConfig:
+    """python -m llama2_sft.export ckpt=PATH format=hf|gguf out=PATH [dtype=bf16] [quant=f16]"""
+
+    ckpt: str = MISSING
+    out: str = MISSING  # a directory (hf) or a file (gguf)
+    format: ExportFormat = ExportFormat.hf
+    dtype: ExportDtype = ExportDtype.bf16  # format=hf
+    quant: GgufQuant = GgufQuant.f16  # format=gguf
+    device: Device = Device.cpu  # where the checkpoint is consolidated
+
+
+APP_SCHEMAS = {"infer": InferConfig, "serve": ServeConfig, "demo": DemoConfig, "export": ExportConfig}
+
+
+def register_app_configs() -> None:
+    """Put the apps' schemas into Hydra's ConfigStore as `<app>_schema` (idempotent)."""
+    store = ConfigStore.instance()
+    for app, schema in APP_SCHEMAS.items():
+        store.store(name=f"{app}_schema", node=schema)

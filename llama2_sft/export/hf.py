@@ -10,9 +10,8 @@ import shutil
 
 import torch
 
+from llama2_sft.checkpoint import TOKENIZER_FILES
 from llama2_sft.inference.load import LoadedModel
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 # Renders the strings encode_dialog encodes: BOS + "[INST] {user} [/INST]" (+ " {answer} " + EOS) per turn,
 # the system prompt folded into the first user message. (Stock tokenizers parse "<s>"/"</s>" typed *inside*

@@ -1,5 +1,6 @@
-"""Text generation from token prompts (greedy or sampled), batched with left padding. Prompts come from
-`llama2_sft.data.chat` only, so generation sees exactly the format training used."""
+"""Generation from token prompts: a batch with left padding (`generate_ids`), or one reply streamed as text
+(`generate_reply`). Greedy or sampled. Prompts come from `llama2_sft.data.chat` only, so generation sees exactly
+the format training used; chats go through `llama2_sft.inference.chat`."""
 
 from __future__ import annotations
 
@@ -24,6 +25,17 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
 
 
+def _generate_kwargs(sampling: SamplingConfig, pad_id: int, eos_id: int) -> dict[str, Any]:
+    """`model.generate` keyword arguments for `sampling`."""
+    kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
+                                  use_cache=True, repetition_penalty=sampling.repetition_penalty)
+    if sampling.temperature >= MIN_TEMPERATURE:
+        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
 def generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, pad_id: int, eos_id: int,
                  sampling: SamplingConfig, device: torch.device, synced_ranks: bool = False) -> list[list[int]]:
     """New token ids for each prompt (stopping at EOS, which is not returned)."""
@@ -35,12 +47,7 @@ def generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, pa
     for row, prompt in enumerate(prompts):
         input_ids[row, width - len(prompt):] = torch.as_tensor(list(prompt))
         attention_mask[row, width - len(prompt):] = 1
-    kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True,
-                  repetition_penalty=sampling.repetition_penalty)
-    if sampling.temperature >= MIN_TEMPERATURE:
-        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    kwargs = _generate_kwargs(sampling, pad_id, eos_id)
     if synced_ranks:
         kwargs["synced_gpus"] = True  # FSDP / ZeRO-3: every rank keeps running forwards until all are done
     output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
@@ -81,21 +88,15 @@ class TextStream:
             self.sent = len(text)
 
 
-def chat_reply(model: torch.nn.Module, tokenizer: Any, messages: Sequence[dict], sampling: SamplingConfig,
-               device: torch.device, on_text: Callable[[str], None] | None = None, seed: int | None = None) -> dict:
-    """The assistant's reply to `messages` (llama-2-chat prompt via encode_dialog), optionally streamed as text."""
-    from llama2_sft.data.chat import generation_prompt
+def generate_reply(model: torch.nn.Module, tokenizer: Any, prompt: Sequence[int], sampling: SamplingConfig,
+                   device: torch.device, on_text: Callable[[str], None] | None = None, seed: int | None = None) -> dict:
+    """The reply to one prompt: {text, prompt_tokens, completion_tokens, finish_reason}, optionally streamed as text.
 
-    prompt = generation_prompt(tokenizer, messages)
+    `on_text` receives each piece as soon as it decodes to whole characters; an exception it raises aborts the
+    generation (that is how a stream is cancelled)."""
     if seed is not None:
         torch.manual_seed(seed)
-    kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, use_cache=True,
-                                  repetition_penalty=sampling.repetition_penalty)
-    if sampling.temperature >= MIN_TEMPERATURE:
-        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    kwargs = _generate_kwargs(sampling, tokenizer.pad_token_id, tokenizer.eos_token_id)
     # The reply is the text as streamed (pieces are emitted once whole UTF-8 characters exist), so a streamed and a
     # non-streamed answer to the same request are the same string, even for invalid byte sequences.
     pieces: list[str] = []
@@ -106,7 +107,7 @@ def chat_reply(model: torch.nn.Module, tokenizer: Any, messages: Sequence[dict],
             on_text(piece)
 
     kwargs["streamer"] = TextStream(tokenizer, collect, skip_ids=len(prompt))
-    input_ids = torch.tensor([prompt], device=device)
+    input_ids = torch.tensor([list(prompt)], device=device)
     with torch.no_grad():
         output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
     new_ids = output[0, len(prompt):].tolist()

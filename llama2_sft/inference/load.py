@@ -153,3 +153,10 @@ def training_system_prompt(loaded: LoadedModel) -> str | None:
     if loaded.train_config is None:
         return resolve_system_prompt("meta")
     return resolve_system_prompt(OmegaConf.select(loaded.train_config, "dataset.default_system", default="meta"))
+
+
+def system_prompt_setting(loaded: LoadedModel, setting: str | None) -> str | None:
+    """An app's `system` setting -> text: 'default' = what training used; 'meta', 'none'/null or text as in training."""
+    from llama2_sft.data.sources import resolve_system_prompt
+
+    return training_system_prompt(loaded) if setting == "default" else resolve_system_prompt(setting)

@@ -1,36 +1,30 @@
-"""python -m llama2_sft.serve ckpt=PATH [port=8000] [host=127.0.0.1] [api_key=...] [max_queue=8] [device=auto] [dtype=auto]"""
+"""python -m llama2_sft.serve ckpt=PATH [port=8000] [host=127.0.0.1] [api_key=KEY] ... (settings: conf/serve.yaml)"""
 
 from __future__ import annotations
 
 import os
-import sys
 
-USAGE = "usage: python -m llama2_sft.serve ckpt=PATH [port=8000] [host=127.0.0.1] [api_key=KEY] [max_queue=8] [max_new_tokens_limit=2048] [device=auto] [dtype=auto] [system=default|none|TEXT]"
+import hydra
+from omegaconf import DictConfig
+
+from llama2_sft.config import CONF_DIR, register_app_configs
 
 
-def main(argv: list[str]) -> None:
+@hydra.main(config_path=CONF_DIR, config_name="serve", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Load `cfg.ckpt` and serve the HTTP API (see `llama2_sft.serve.api`)."""
     import uvicorn
 
-    from llama2_sft.inference.load import load_model, training_system_prompt
-    from llama2_sft.data.sources import resolve_system_prompt
+    from llama2_sft.inference.load import load_model, system_prompt_setting
     from llama2_sft.serve.api import ServeSettings, create_app
 
-    options = {"port": "8000", "host": "127.0.0.1", "device": "auto", "dtype": "auto", "max_queue": "8",
-               "max_new_tokens_limit": "2048", "system": "default", "api_key": os.environ.get("LLAMA2_SFT_API_KEY")}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in (*options, "ckpt"):
-            raise SystemExit(f"unknown argument {arg!r}\n{USAGE}")
-        options[key] = value
-    if "ckpt" not in options:
-        raise SystemExit(USAGE)
-    loaded = load_model(options["ckpt"], options["device"], options["dtype"])
-    system = training_system_prompt(loaded) if options["system"] == "default" else resolve_system_prompt(options["system"])
-    settings = ServeSettings(model_name=os.path.basename(os.path.normpath(options["ckpt"])), max_queue=int(options["max_queue"]),
-                             max_new_tokens_limit=int(options["max_new_tokens_limit"]), api_key=options["api_key"] or None,
-                             system_prompt=system)
-    uvicorn.run(create_app(loaded, settings), host=options["host"], port=int(options["port"]), log_level="info")
+    loaded = load_model(cfg.ckpt, cfg.device.value, cfg.dtype.value)
+    settings = ServeSettings(model_name=os.path.basename(os.path.normpath(cfg.ckpt)), max_queue=cfg.max_queue,
+                             max_new_tokens_limit=cfg.max_new_tokens_limit, api_key=cfg.api_key or None,
+                             system_prompt=system_prompt_setting(loaded, cfg.system))
+    uvicorn.run(create_app(loaded, settings), host=cfg.host, port=cfg.port, log_level="info")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    register_app_configs()
+    main()

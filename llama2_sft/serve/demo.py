@@ -3,11 +3,12 @@
     python -m llama2_sft.serve.demo ckpt=outputs/embedded                      # http://127.0.0.1:7860
     python -m llama2_sft.serve.demo ckpt=PATH port=7861 host=0.0.0.0 device=cuda dtype=bf16 share=false
 
-ckpt is anything `llama2_sft.inference.load.load_model` accepts (run dir, checkpoint dir, Hugging Face dir). The system
-prompt box starts with the prompt training used; the chat history becomes OpenAI-style messages
-(system + alternating user/assistant) and every answer comes from `chat_reply`, so the prompt is built by the same
-`encode_dialog` that built the training data. One generation runs at a time (queue concurrency 1, plus a lock that
-also covers a generation that is still winding down after Stop).
+ckpt is anything `llama2_sft.inference.load.load_model` accepts (run dir, checkpoint dir, Hugging Face dir); the
+settings are `conf/demo.yaml`. The system prompt box starts with the prompt training used; the chat history becomes
+alternating user/assistant messages and every answer is streamed by the one chat generator
+(`llama2_sft.inference.chat`), so the prompt is built by the same `encode_dialog` that built the training data. One
+generation runs at a time (queue concurrency 1, plus the generator's lock, which also covers a generation that is
+still winding down after Stop).
 
 Endpoints (also usable with `gradio_client`): /chat (message, history, system, temperature, top_p, max_new_tokens)
 -> ("", history), /retry (history, system, temperature, top_p, max_new_tokens) -> history, /undo (history) ->
@@ -17,28 +18,24 @@ Endpoints (also usable with `gradio_client`): /chat (message, history, system, t
 from __future__ import annotations
 
 import logging
-import queue
-import sys
-import threading
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-from llama2_sft.inference.generate import SamplingConfig, chat_reply
+import hydra
+from omegaconf import DictConfig
+
+from llama2_sft.config import CONF_DIR, register_app_configs
+
+if TYPE_CHECKING:  # torch is imported when a model is served, not when the command line is checked
+    from llama2_sft.inference.chat import ChatGenerator
+    from llama2_sft.inference.generate import SamplingConfig
 
 log = logging.getLogger(__name__)
-
-USAGE = ("usage: python -m llama2_sft.serve.demo ckpt=PATH [port=7860] [host=127.0.0.1] [device=auto] "
-         "[dtype=auto|bf16|fp16|fp32] [share=false]")
-DEFAULT_OPTIONS = {"port": "7860", "host": "127.0.0.1", "device": "auto", "dtype": "auto", "share": "false"}
 
 # Slider defaults: Meta's llama-2 chat example settings.
 DEFAULT_TEMPERATURE = 0.6
 DEFAULT_TOP_P = 0.9
 DEFAULT_MAX_NEW_TOKENS = 512
 MAX_NEW_TOKENS_LIMIT = 2048
-
-
-class _Stopped(Exception):
-    """Raised inside the streamer to abort `model.generate` once the request is gone."""
 
 
 def message_text(content: Any) -> str:
@@ -56,11 +53,9 @@ def message_text(content: Any) -> str:
     return str(content)
 
 
-def history_to_messages(history: list[dict] | None, system: str | None) -> list[dict]:
-    """Chatbot history -> [system?] + alternating user/assistant messages (consecutive same-role messages merged)."""
+def history_to_messages(history: list[dict] | None) -> list[dict]:
+    """Chatbot history -> alternating user/assistant messages (consecutive same-role messages merged)."""
     messages: list[dict] = []
-    if system and system.strip():
-        messages.append({"role": "system", "content": system})
     for message in history or []:
         role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
         content = message.get("content") if isinstance(message, dict) else getattr(message, "content", None)
@@ -76,75 +71,44 @@ def history_to_messages(history: list[dict] | None, system: str | None) -> list[
 
 def sampling_from_controls(temperature: float, top_p: float, max_new_tokens: float) -> SamplingConfig:
     """The three sliders -> SamplingConfig (temperature 0 = greedy)."""
+    from llama2_sft.inference.generate import SamplingConfig
+
     return SamplingConfig(max_new_tokens=max(1, int(round(float(max_new_tokens)))), temperature=float(temperature),
                           top_p=float(top_p))
 
 
-def stream_reply(loaded: Any, messages: list[dict], sampling: SamplingConfig, lock: threading.Lock,
-                 device: Any = None) -> Iterator[str]:
-    """Yield the growing reply while `chat_reply` runs in a worker thread; the last value is chat_reply's own text.
+def stream_reply(generator: ChatGenerator, history: list[dict] | None, system: str | None,
+                 sampling: SamplingConfig) -> Iterator[str]:
+    """Yield the growing reply to the chat `history`; the last value is the whole reply as the generator returns it.
 
-    Closing the iterator (Stop, Clear, a closed tab) aborts the generation at its next token, and `lock` keeps a
-    generation from starting before the previous one has finished or aborted.
+    Closing the iterator (Stop, Clear, a closed tab) cancels the generation at its next token. Bad input (a
+    malformed history, a prompt longer than the context) raises ValueError.
     """
-    if device is None:
-        device = next(loaded.model.parameters()).device
-    pieces: queue.Queue = queue.Queue()
-    stop = threading.Event()
-    done = object()
-    outcome: dict[str, Any] = {}
-
-    def on_text(piece: str) -> None:
-        if stop.is_set():
-            raise _Stopped()
-        pieces.put(piece)
-
-    def work() -> None:
-        try:
-            with lock:
-                if not stop.is_set():
-                    outcome["result"] = chat_reply(loaded.model, loaded.tokenizer, messages, sampling, device,
-                                                   on_text=on_text)
-        except _Stopped:
-            pass
-        except BaseException as error:  # noqa: BLE001 - handed to the request thread
-            outcome["error"] = error
-        finally:
-            pieces.put(done)
-
-    thread = threading.Thread(target=work, name="demo-generate", daemon=True)
-    thread.start()
+    prompt = generator.prepare(history_to_messages(history), system)
     text = ""
-    try:
-        while True:
-            piece = pieces.get()
-            if piece is done:
-                break
+    with generator.stream(prompt, sampling) as stream:
+        for piece in stream:
             text += piece
             yield text.lstrip()
-        if "error" in outcome:
-            raise outcome["error"]
-        if "result" in outcome:
-            yield outcome["result"]["text"]
-    finally:
-        stop.set()
+    if stream.result is not None:
+        yield stream.result["text"]
 
 
 def build_demo(loaded: Any, default_system: str | None):
     """The Gradio app for `loaded` (a `LoadedModel`), with `default_system` in the system prompt box."""
     import gradio as gr
 
-    lock = threading.Lock()
-    device = next(loaded.model.parameters()).device
+    from llama2_sft.inference.chat import ChatGenerator
+
+    generator = ChatGenerator(loaded)
     context = getattr(loaded.model.config, "max_position_embeddings", None) or MAX_NEW_TOKENS_LIMIT
     max_tokens_limit = max(1, min(MAX_NEW_TOKENS_LIMIT, int(context)))
 
     def reply_into(history: list[dict], system: str, temperature: float, top_p: float,
                    max_new_tokens: float) -> Iterator[list[dict]]:
-        messages = history_to_messages(history, system)
         sampling = sampling_from_controls(temperature, top_p, max_new_tokens)
         try:
-            for text in stream_reply(loaded, messages, sampling, lock, device):
+            for text in stream_reply(generator, history, system, sampling):
                 yield history + [{"role": "assistant", "content": text}]
         except ValueError as error:  # malformed history, prompt too long, ...
             raise gr.Error(str(error)) from error
@@ -228,43 +192,18 @@ def build_demo(loaded: Any, default_system: str | None):
     return demo
 
 
-def _parse_bool(key: str, value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise SystemExit(f"{key}={value!r}: expected true or false\n{USAGE}")
+@hydra.main(config_path=CONF_DIR, config_name="demo", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Load `cfg.ckpt` and serve the chat page (conf/demo.yaml)."""
+    from llama2_sft.inference.load import load_model, system_prompt_setting
 
-
-def parse(argv: list[str]) -> dict:
-    """key=value arguments -> options (port: int, share: bool)."""
-    options: dict[str, Any] = dict(DEFAULT_OPTIONS)
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in (*DEFAULT_OPTIONS, "ckpt"):
-            raise SystemExit(f"unknown argument {arg!r}\n{USAGE}")
-        options[key] = value
-    if not options.get("ckpt"):
-        raise SystemExit(f"missing ckpt=PATH\n{USAGE}")
-    try:
-        options["port"] = int(options["port"])
-    except ValueError:
-        raise SystemExit(f"port={options['port']!r}: expected an integer\n{USAGE}") from None
-    options["share"] = _parse_bool("share", options["share"])
-    return options
-
-
-def main(argv: list[str]) -> None:
-    from llama2_sft.inference.load import load_model, training_system_prompt
-
-    options = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    loaded = load_model(options["ckpt"], options["device"], options["dtype"])
+    loaded = load_model(cfg.ckpt, cfg.device.value, cfg.dtype.value)
     log.info("loaded %s (%s) on %s", loaded.source, loaded.kind, next(loaded.model.parameters()).device)
-    demo = build_demo(loaded, training_system_prompt(loaded))
-    demo.launch(server_name=options["host"], server_port=options["port"], share=options["share"], show_error=True)
+    demo = build_demo(loaded, system_prompt_setting(loaded, cfg.system))
+    demo.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, show_error=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    register_app_configs()
+    main()

@@ -1,5 +1,5 @@
 """The Gradio demo, driven over HTTP with gradio_client: every slider reaches its own generation parameter, answers
-are exactly `chat_reply`'s, they stream, retry / undo / clear edit the history, Stop frees the model, and
+are exactly `generate_reply`'s for the same prompt, they stream, retry / undo / clear edit the history, Stop frees the model, and
 `python -m llama2_sft.serve.demo` serves a checkpoint with the training system prompt."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -23,9 +22,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from llama2_sft.data.chat import DEFAULT_SYSTEM_PROMPT  # noqa: E402
-from llama2_sft.inference.generate import SamplingConfig  # noqa: E402
-from llama2_sft.inference.generate import chat_reply as direct_chat_reply  # noqa: E402
+from llama2_sft.data.chat import DEFAULT_SYSTEM_PROMPT, generation_prompt  # noqa: E402
+from llama2_sft.inference.chat import ChatGenerator  # noqa: E402
+from llama2_sft.inference.generate import SamplingConfig, generate_reply  # noqa: E402
 from llama2_sft.serve import demo as demo_module  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -93,10 +92,10 @@ def cli_demo(request, tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(loaded, cli_demo):
-    """The demo on a free localhost port in this process (so tests can watch chat_reply); closed afterwards."""
-    from llama2_sft.inference.load import training_system_prompt
+    """The demo on a free localhost port in this process (so tests can watch its generations); closed afterwards."""
+    from llama2_sft.inference.load import system_prompt_setting
 
-    demo = demo_module.build_demo(loaded, training_system_prompt(loaded))
+    demo = demo_module.build_demo(loaded, system_prompt_setting(loaded, "default"))
     port = free_port()
     while cli_demo is not None and port == cli_demo["port"]:  # that one is reserved for the subprocess
         port = free_port()
@@ -113,12 +112,12 @@ def served(loaded, cli_demo):
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Every chat_reply the demo makes: its messages, SamplingConfig, streamed pieces and result (or error)."""
+    """Every generation the demo makes: its messages, SamplingConfig, streamed pieces and result (or error)."""
     records: list[dict] = []
-    real = demo_module.chat_reply
+    real = ChatGenerator.complete
 
-    def recording(model, tokenizer, messages, sampling, device, on_text=None, seed=None):
-        record = {"messages": copy.deepcopy(list(messages)), "sampling": copy.deepcopy(sampling), "pieces": 0}
+    def recording(self, prompt, sampling, *, seed=None, on_text=None):
+        record = {"messages": copy.deepcopy(prompt.messages), "sampling": copy.deepcopy(sampling), "pieces": 0}
         records.append(record)
 
         def counting(piece):
@@ -126,20 +125,21 @@ def calls(monkeypatch):
             on_text(piece)
 
         try:
-            record["result"] = real(model, tokenizer, messages, sampling, device,
-                                    on_text=counting if on_text is not None else None, seed=seed)
+            record["result"] = real(self, prompt, sampling, seed=seed, on_text=counting if on_text is not None else None)
         except BaseException as error:
             record["error"] = error
             raise
         return record["result"]
 
-    monkeypatch.setattr(demo_module, "chat_reply", recording)
+    monkeypatch.setattr(ChatGenerator, "complete", recording)
     return records
 
 
 def direct(loaded, messages, max_new_tokens, temperature=0.0, top_p=1.0) -> dict:
+    """The reference answer: the same prompt straight through `generate_reply`, not through the demo's generator."""
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    return direct_chat_reply(loaded.model, loaded.tokenizer, messages, sampling, next(loaded.model.parameters()).device)
+    return generate_reply(loaded.model, loaded.tokenizer, generation_prompt(loaded.tokenizer, messages), sampling,
+                          next(loaded.model.parameters()).device)
 
 
 def chat(client, message, history, system, temperature, top_p, max_new_tokens):
@@ -177,7 +177,7 @@ def test_each_control_feeds_its_own_parameter(served):
         chat(served["client"], "hi", [], SYSTEM, 0.5, 1.5, 4)
 
 
-def test_greedy_answers_are_chat_reply_with_the_same_settings(served, loaded, calls):
+def test_greedy_answers_are_the_direct_reply_with_the_same_settings(served, loaded, calls):
     client = served["client"]
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "3 加 4 等于几？"}]
     answers = {}
@@ -247,13 +247,13 @@ def test_answers_stream(served, loaded):
 
 
 def test_stop_aborts_the_generation_and_frees_the_model(served, loaded, calls):
-    lock = threading.Lock()
-    stream = demo_module.stream_reply(loaded, [{"role": "user", "content": "Tell me a story"}],
-                                      SamplingConfig(max_new_tokens=200), lock)
+    generator = ChatGenerator(loaded)
+    stream = demo_module.stream_reply(generator, [{"role": "user", "content": "Tell me a story"}], None,
+                                      SamplingConfig(max_new_tokens=200))
     assert next(stream)
     stream.close()  # what gradio does on Stop / Clear / a closed tab
-    assert lock.acquire(timeout=20)
-    lock.release()
+    assert generator.lock.acquire(timeout=20)
+    generator.lock.release()
     assert "error" in calls[-1] and calls[-1]["pieces"] < 100  # aborted at the next token, not run to 200
 
     # Through the server: cancel a long answer, and the next request is answered normally.
@@ -269,18 +269,6 @@ def test_stop_aborts_the_generation_and_frees_the_model(served, loaded, calls):
                                                    {"role": "user", "content": "hi"}], 3)["text"]
     long_call = next(c for c in calls if c["sampling"].max_new_tokens == 256)
     assert "error" in long_call and long_call["pieces"] < 200
-
-
-def test_arguments():
-    options = demo_module.parse(["ckpt=/some/run"])
-    assert options == {"ckpt": "/some/run", "port": 7860, "host": "127.0.0.1", "device": "auto", "dtype": "auto",
-                       "share": False}
-    options = demo_module.parse(["ckpt=x", "port=9000", "host=0.0.0.0", "share=true", "device=cpu", "dtype=bf16"])
-    assert (options["port"], options["host"], options["share"], options["device"], options["dtype"]) == (
-        9000, "0.0.0.0", True, "cpu", "bf16")
-    for bad in ([], ["ckpt=x", "temperature=1"], ["ckpt=x", "port=abc"], ["ckpt=x", "share=maybe"], ["x"]):
-        with pytest.raises(SystemExit):
-            demo_module.parse(bad)
 
 
 def test_command_line_serves_the_checkpoint(cli_demo, loaded):

@@ -29,10 +29,11 @@ def make_client(loaded, **settings):
 
 
 def greedy(loaded, messages, max_new_tokens):
-    from llama2_sft.inference.generate import SamplingConfig, chat_reply
+    from llama2_sft.data.chat import generation_prompt
+    from llama2_sft.inference.generate import SamplingConfig, generate_reply
 
-    return chat_reply(loaded.model, loaded.tokenizer, messages, SamplingConfig(max_new_tokens=max_new_tokens),
-                      torch.device("cpu"))["text"]
+    return generate_reply(loaded.model, loaded.tokenizer, generation_prompt(loaded.tokenizer, messages),
+                          SamplingConfig(max_new_tokens=max_new_tokens), torch.device("cpu"))["text"]
 
 
 def test_legacy_endpoint_keeps_the_original_contract_and_honours_sampling(loaded):
