@@ -124,8 +124,8 @@ def write_results(prefix: Path, title: str, out: dict, header: list[str], rows: 
 
 
 def _align(rows: list[list], column: int) -> str:
-    """Numbers right-aligned: a column whose first cell starts with a digit."""
-    first = str(rows[0][column]) if rows else ""
+    """Numbers right-aligned: a column whose first non-empty cell starts with a digit."""
+    first = next((str(row[column]) for row in rows if str(row[column])), "")
     return "---:" if first[:1].isdigit() else "---"
 
 

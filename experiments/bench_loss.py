@@ -14,7 +14,7 @@ the step) and the step's wall time. Repetitions alternate the order; the table g
 loss and gradients of the two methods are compared (max relative difference).
 
     python experiments/bench_loss.py           # ~6 min on 2 cores
-    python experiments/bench_loss.py --quick   # 256 positions, one repetition: well under a minute
+    python experiments/bench_loss.py --quick   # 128 positions, one repetition: under a minute
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=512, help="fused chunk (positions)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="256 positions, one repetition")
+    parser.add_argument("--quick", action="store_true", help="128 positions, one repetition")
     parser.add_argument("--out", default=str(HERE / "bench_loss"), help="output prefix (.json / .md / .png)")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--share", type=float, default=1.0, help=argparse.SUPPRESS)
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
     if args.quick:
-        args.tokens, args.reps = min(args.tokens, 256), 1
+        args.tokens, args.reps = min(args.tokens, 128), 1
 
     started = time.time()
     results = {}
