@@ -1,4 +1,4 @@
-"""The embedded SFT data (data/generate.py -> data/*.jsonl) and its tiny Llama-2 style tokenizer (data/tokenizer/)."""
+"""The embedded SFT data (data/make_embedded.py -> data/*.jsonl) and its tiny Llama-2 style tokenizer (data/tokenizer/)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "data"
-GENERATE = DATA / "generate.py"
+MAKE_EMBEDDED = DATA / "make_embedded.py"
 TOKENIZER_DIR = DATA / "tokenizer"
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
-def _generate(out_dir: Path, *args: str) -> None:
-    subprocess.run([sys.executable, str(GENERATE), "--out-dir", str(out_dir), *args], check=True, capture_output=True)
+def _make_embedded(out_dir: Path, *args: str) -> None:
+    subprocess.run([sys.executable, str(MAKE_EMBEDDED), "--out-dir", str(out_dir), *args], check=True, capture_output=True)
 
 
 def _read(path: Path) -> list[dict]:
@@ -50,9 +50,9 @@ def _pairs(row: dict) -> list[tuple[str, str]]:
 
 def test_generator_is_deterministic(tmp_path: Path) -> None:
     a, b, other_seed = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    _generate(a, "--num-train", "300", "--num-eval", "40")
-    _generate(b, "--num-train", "300", "--num-eval", "40")
-    _generate(other_seed, "--num-train", "300", "--num-eval", "40", "--seed", "99")
+    _make_embedded(a, "--num-train", "300", "--num-eval", "40")
+    _make_embedded(b, "--num-train", "300", "--num-eval", "40")
+    _make_embedded(other_seed, "--num-train", "300", "--num-eval", "40", "--seed", "99")
     for name in ("train.jsonl", "eval.jsonl"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
         assert (a / name).read_bytes() != (other_seed / name).read_bytes(), f"--seed is ignored for {name}"
@@ -61,9 +61,9 @@ def test_generator_is_deterministic(tmp_path: Path) -> None:
 
 
 def test_committed_data_is_what_the_generator_writes_by_default(tmp_path: Path) -> None:
-    _generate(tmp_path)
+    _make_embedded(tmp_path)
     for name in ("train.jsonl", "eval.jsonl"):
-        assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), f"data/{name} is stale: rerun data/generate.py"
+        assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), f"data/{name} is stale: rerun data/make_embedded.py"
 
 
 def test_committed_data_has_default_sizes_and_fits_the_size_budget(train_rows, eval_rows) -> None:

@@ -68,8 +68,8 @@ iteration, ``\\n`` line endings, UTF-8).
 
 Usage::
 
-    python data/generate.py                      # defaults: seed 1234, 6000 train, 300 eval
-    python data/generate.py --seed 7 --num-train 100 --num-eval 20 --out-dir /tmp/d
+    python data/make_embedded.py                      # defaults: seed 1234, 6000 train, 300 eval
+    python data/make_embedded.py --seed 7 --num-train 100 --num-eval 20 --out-dir /tmp/d
 """
 
 from __future__ import annotations
