@@ -208,7 +208,7 @@ async def _sse(stream: ChatStream, request: Request, stops: list[str], completio
             async for piece in stream:
                 if stopped:
                     continue
-                # hold back text that may be the start of a stop string; never send past one
+                # cut at the first stop string: nothing after it is sent
                 candidate = sent + piece
                 cut = min((candidate.index(s) for s in stops if s and s in candidate), default=None)
                 if cut is not None:
