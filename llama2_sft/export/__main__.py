@@ -13,15 +13,16 @@ def main(cfg: DictConfig) -> None:
     """Consolidate `cfg.ckpt` in fp32 and write it in `cfg.format`."""
     from llama2_sft.inference.load import load_model
 
+    out = cfg.out  # a missing out= fails here, naming it, before the checkpoint is loaded
     loaded = load_model(cfg.ckpt, cfg.device.value, "fp32")
     if cfg.format == ExportFormat.hf:
         from llama2_sft.export.hf import export_hf
 
-        path = export_hf(loaded, cfg.out, cfg.dtype.value)
+        path = export_hf(loaded, out, cfg.dtype.value)
     else:
         from llama2_sft.export.gguf import export_gguf
 
-        path = export_gguf(loaded, cfg.out, cfg.quant.value)
+        path = export_gguf(loaded, out, cfg.quant.value)
     print(f"exported {loaded.source} ({loaded.kind}) -> {path}")
 
 

@@ -94,3 +94,9 @@ def test_cfg_job_prints_the_settings_without_running():
     assert done.returncode == 0, done.stderr
     assert OmegaConf.create(done.stdout) == {"ckpt": "x", "out": "y", "format": "gguf", "dtype": "bf16",
                                              "quant": "f16", "device": "cpu"}
+
+
+def test_export_without_out_fails_naming_it_before_loading_anything():
+    done = subprocess.run([sys.executable, "-m", "llama2_sft.export", "ckpt=/no/such/run"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, PYTHONPATH=REPO))
+    assert done.returncode != 0 and "Missing mandatory value: out" in done.stderr, done.stderr
