@@ -108,7 +108,7 @@ class MetricsWriter:
         except ImportError:
             log.warning("logger.wandb.enabled but wandb is not installed: metrics.jsonl only")
             return
-        mode = str(cfg.mode.value if hasattr(cfg.mode, "value") else cfg.mode)
+        mode = str(cfg.mode)  # a str Enum whose str() is its value
         if mode == "auto":
             try:
                 logged_in = bool(os.environ.get("WANDB_API_KEY")) or bool(wandb.Api().api_key)
