@@ -53,6 +53,7 @@ def resolve_tokenizer(choice: str) -> tuple[str, str]:
 
 
 def cpu_seconds() -> float:
+    """User + system seconds of this process, its threads and its reaped worker processes."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
@@ -172,10 +173,12 @@ def efficiency(dataset, mode: str, max_length: int, seed: int, max_steps: int) -
 
 
 def spread(values: list[float], spec: str) -> str:
+    """`median [min-max]` of `values`, each formatted with `spec`."""
     return f"{format(median(values), spec)} [{format(min(values), spec)}-{format(max(values), spec)}]"
 
 
 def plot(plt, out: dict):
+    """Per-core throughput per method (A) and token efficiency per batching mode (B)."""
     fig, axes = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [1.2, 1]})
     names = list(out["throughput"])
     rates = [median(r["cpu_rate"] for r in out["throughput"][n]) for n in names]
@@ -248,13 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     table = []
     for name, runs in throughput.items():
         rate = median(r["cpu_rate"] for r in runs)
-        table.append(["conversations / CPU-s (per core)", name, spread([r["cpu_rate"] for r in runs], ",.0f"), f"{rate / base:.2f}x"])
+        table.append(["conversations / CPU-s (per core)", name, spread([r["cpu_rate"] for r in runs], ",.0f"),
+                      f"{rate / base:.2f}x"])
         table.append(["conversations / s (wall)", name, spread([r["wall_rate"] for r in runs], ",.0f"), ""])
     for max_length, per_mode in eff.items():
         pad = median(r["efficiency"] for r in per_mode[MODES[0]])
         for mode in MODES:
             values = [r["efficiency"] for r in per_mode[mode]]
-            table.append([f"real / all tokens, max_length {max_length}", mode, spread(values, ".2%"), f"{median(values) / pad:.2f}x"])
+            table.append([f"real / all tokens, max_length {max_length}", mode, spread(values, ".2%"),
+                          f"{median(values) / pad:.2f}x"])
         packing = per_mode["packing"][0]
         table.append([f"packing plan fill (bound), max_length {max_length}", "packing",
                       f"{packing['plan_fill']:.2%} ({packing['fill_bound']:.2%})", ""])

@@ -69,6 +69,7 @@ def why_not_flash(device: str) -> str | None:
 
 
 def settings(variant: str) -> dict:
+    """The baseline's switches with the variant's changes applied."""
     return {**BASELINE, **VARIANTS[variant]}
 
 
@@ -90,13 +91,16 @@ def summarize(runs: list[dict], warmup: int) -> dict:
     timed = [r for run in runs for r in run["records"][warmup:]]
     if not timed:
         return {}
-    return {"step_seconds": median(r["step_seconds"] for r in timed), "tokens_per_s": median(r["tokens_per_s"] for r in timed),
+    return {"step_seconds": median(r["step_seconds"] for r in timed),
+            "tokens_per_s": median(r["tokens_per_s"] for r in timed),
             "supervised_per_s": median(r["num_supervised_tokens"] / r["step_seconds"] for r in timed),
-            "mfu": median(r.get("mfu") for r in timed), "peak_memory_gb": max((r.get("peak_memory_gb") or 0) for r in timed) or None,
+            "mfu": median(r.get("mfu") for r in timed),
+            "peak_memory_gb": max((r.get("peak_memory_gb") or 0) for r in timed) or None,  # None on CPU
             "loss_first": runs[0]["records"][0]["loss"], "loss_last": runs[0]["records"][-1]["loss"]}
 
 
 def plot(plt, out: dict):
+    """Tokens/s and peak memory per variant, one row of panels per shape."""
     shapes = list(out["results"])
     fig, axes = plt.subplots(len(shapes), 2, figsize=(12, 3.2 * len(shapes)), squeeze=False)
     for row, shape in zip(axes, shapes):
@@ -113,7 +117,7 @@ def plot(plt, out: dict):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
-    parser.add_argument("--shapes", default=None, help="comma-separated: 7b, 1.3b, tiny (default: 1.3b,7b on CUDA, tiny on CPU)")
+    parser.add_argument("--shapes", default=None, help="7b, 1.3b, tiny (default: 1.3b,7b on CUDA, tiny on CPU)")
     parser.add_argument("--variants", default=None, help="comma-separated names (default: all; --quick: a subset)")
     parser.add_argument("--quick", action="store_true", help="fewer variants and shapes, one repetition")
     parser.add_argument("--seq", type=int, default=None, help="packed row length (default 4096; 128 on CPU)")

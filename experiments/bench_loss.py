@@ -72,6 +72,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_one(args: argparse.Namespace, method: str, share: float, save: str | None) -> dict:
+    """One method in a fresh process (so its peak RSS is its own); its figures."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--share", str(share), "--tokens",
            str(args.tokens), "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--chunk", str(args.chunk),
            "--threads", str(args.threads)] + (["--save-grads", save] if save else [])
@@ -92,6 +93,7 @@ def agreement(paths: dict[str, str]) -> dict:
 
 
 def plot(plt, out: dict):
+    """Step time and peak memory of both methods per supervised share."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     shares = list(out["results"])
     for ax, key, title in ((axes[0], "seconds", "step seconds (lower is better)"),

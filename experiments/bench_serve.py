@@ -26,6 +26,7 @@ PROMPTS = ["3 加 4 等于几？", "Reverse the letters: a b c", "Write cat in u
 
 
 def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -52,6 +53,7 @@ def stream_one(client, url: str, prompt: str, max_tokens: int, seed: int) -> dic
 
 
 def plot(plt, out: dict):
+    """Time to first token and decode rate of every request."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3))
     requests = out["requests"]
     axes[0].bar(range(len(requests)), [1000 * r["first_token_s"] for r in requests])
@@ -104,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     first = [1000 * r["first_token_s"] for r in requests]
     rates = [r["decode_tokens_per_s"] for r in requests if r["decode_tokens_per_s"]]
     rows = [["time to first token (ms)", fmt(median(first), ".1f"), fmt(min(first), ".1f"), fmt(max(first), ".1f")],
-            ["decode tokens/s", fmt(median(rates), ".1f"), fmt(min(rates, default=None), ".1f"), fmt(max(rates, default=None), ".1f")]]
+            ["decode tokens/s", fmt(median(rates), ".1f"), fmt(min(rates, default=None), ".1f"),
+             fmt(max(rates, default=None), ".1f")]]
     title = f"Serving latency on CPU: `{args.ckpt}`, {args.requests} streamed requests of up to {args.max_tokens} tokens"
     write_results(Path(args.out), title, out, ["metric", "median", "min", "max"], rows, plot)
     print(Path(args.out).with_suffix(".md").read_text())

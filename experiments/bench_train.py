@@ -95,6 +95,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict:
 
 
 def method_overrides(method: str, args: argparse.Namespace, plan: dict) -> list[str]:
+    """The train.py overrides that make `method` (batching, rows per step, compile)."""
     if method == PADDED:
         return ["dataset.packing=false", f"trainer.micro_batch_size={args.micro_batch_size}",
                 f"trainer.grad_accum_steps={plan['grad_accum_steps']}"]
@@ -110,7 +111,8 @@ def run(method: str, shape: str, args: argparse.Namespace, plan: dict, work: Pat
     steps = args.steps[shape]
     base = config_overrides(shape, work, args.max_length)
     if method != REFERENCE:
-        records = run_train(base + method_overrides(method, args, plan), run_dir, steps, args.threads, cpu_only=True)["records"]
+        overrides = base + method_overrides(method, args, plan)
+        records = run_train(overrides, run_dir, steps, args.threads, cpu_only=True)["records"]
         return [{"supervised": r["num_supervised_tokens"], "tokens": r["num_tokens"], "seconds": r["step_seconds"],
                  "loss": r["loss"]} for r in records]
     run_dir.mkdir(parents=True)
@@ -187,6 +189,7 @@ def rates(records: list[dict], warmup: int) -> dict:
 
 
 def plot(plt, out: dict):
+    """Supervised tokens/s per method, one panel per shape, ratios to the reference on the bars."""
     shapes = list(out["results"])
     fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4.2), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
@@ -237,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.reps):
             for shape in shapes:
                 for method in rotated(methods, rep):
-                    records = run(method, shape, args, plan, work, work / f"{shape}-{len(methods) * rep + methods.index(method)}")
+                    run_dir = work / f"{shape}-{rep}-{methods.index(method)}"
+                    records = run(method, shape, args, plan, work, run_dir)
                     runs[shape][method].append(records)
                     print(f"rep {rep} {shape} {method}: {rates(records, args.warmup)}", file=sys.stderr)
     finally:
@@ -258,9 +262,10 @@ def main(argv: list[str] | None = None) -> int:
            "results": results, "runs": runs, "runtime_s": time.time() - started}
     header = ["shape", "method", "sup. tokens / step", "sup. tokens/s", "vs reference", "real tokens/s",
               "vs reference (real tokens)", "loss max abs diff vs reference"]
-    rows = [[shape, m, fmt(e["supervised_per_step"]), fmt(e["supervised_per_s"], ",.1f"), fmt(e["vs_reference"], ".2f") + "x",
-             fmt(e["tokens_per_s"]), fmt(e["vs_reference_tokens"], ".2f") + "x", fmt(e.get("loss_max_abs_diff"), ".1e")
-             if m == PADDED else ""] for shape, per_method in results.items() for m, e in per_method.items()]
+    rows = [[shape, m, fmt(e["supervised_per_step"]), fmt(e["supervised_per_s"], ",.1f"), f"{e['vs_reference']:.2f}x",
+             fmt(e["tokens_per_s"]), f"{e['vs_reference_tokens']:.2f}x",
+             fmt(e["loss_max_abs_diff"], ".1e") if m == PADDED else ""]
+            for shape, per_method in results.items() for m, e in per_method.items()]
     write_results(Path(args.out), "Training throughput on CPU: our loop vs transformers.Trainer", out, header, rows, plot)
     print(Path(args.out).with_suffix(".md").read_text())
     return 0
