@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from llama2_sft.checkpoint import TOKENIZER_FILES
 from llama2_sft.data.chat import IGNORE_INDEX, TEMPLATE_VERSION, SentencePieceEncoder, encode_dialogs, text_encoder
 from llama2_sft.data.sources import load_rows, resolve_system_prompt, row_to_messages, source_identity
 from llama2_sft.data.truncation import truncate
@@ -26,7 +27,6 @@ from llama2_sft.data.truncation import truncate
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the cached columns change
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 EXAMPLE_IDS_PER_REASON = 5
 
 
