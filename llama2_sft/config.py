@@ -9,12 +9,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 class Choice(str, Enum):
@@ -270,15 +271,10 @@ def preflight(cfg: DictConfig, device: Any) -> None:
 # `python -m llama2_sft.export`. Each is a Hydra app whose yaml (conf/<app>.yaml) names its schema below, so a
 # misspelled key or a value outside an Enum fails at compose time naming it. The defaults live here, once.
 
-import os  # noqa: E402 - this block belongs to the apps and is kept apart from the training schemas above
-from enum import Enum  # noqa: E402
-
-from omegaconf import MISSING  # noqa: E402
-
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 
-class Device(Enum):
+class Device(Choice):
     """Where a loaded model runs; auto = CUDA, else MPS, else CPU (pick a GPU with CUDA_VISIBLE_DEVICES)."""
 
     auto = "auto"
@@ -287,7 +283,7 @@ class Device(Enum):
     mps = "mps"
 
 
-class Dtype(Enum):
+class Dtype(Choice):
     """The dtype a model is loaded in for inference; auto = bf16 on a CUDA device that has it, else fp32."""
 
     auto = "auto"
@@ -296,12 +292,12 @@ class Dtype(Enum):
     fp32 = "fp32"
 
 
-class ExportFormat(Enum):
+class ExportFormat(Choice):
     hf = "hf"  # a Hugging Face directory (safetensors + tokenizer + chat template)
     gguf = "gguf"  # one GGUF file for llama.cpp
 
 
-class ExportDtype(Enum):
+class ExportDtype(Choice):
     """The dtype of the exported safetensors (format=hf)."""
 
     bf16 = "bf16"
@@ -309,7 +305,7 @@ class ExportDtype(Enum):
     fp32 = "fp32"
 
 
-class GgufQuant(Enum):
+class GgufQuant(Choice):
     """The storage of the GGUF tensors (format=gguf)."""
 
     f16 = "f16"
