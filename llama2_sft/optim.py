@@ -37,8 +37,7 @@ def build_adamw(
     fused: str | bool = "auto",
 ) -> torch.optim.AdamW:
     """AdamW over named parameters: the fused kernel wherever torch has one (`fused=auto`: CUDA and CPU among
-    others; 2.6x faster than foreach on CPU, see experiments/bench_train.md), else foreach. Same steps either way
-    (tests/unit/test_fast_paths.py)."""
+    others), else foreach. Same steps either way (tests/unit/test_fast_paths.py)."""
     named = list(params)
     groups = param_groups(named, weight_decay, no_decay)
     fusable = bool(named) and all(p.device.type in FUSED_DEVICE_TYPES and p.is_floating_point() for _, p in named)
