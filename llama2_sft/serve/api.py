@@ -65,7 +65,7 @@ class LegacyRequest(BaseModel):
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
 
 
-class _Engine:
+class _ChatService:
     """The chat generator behind the routes, plus admission: counts the requests in flight against `max_queue`."""
 
     def __init__(self, loaded: Any, settings: ServeSettings):
@@ -120,9 +120,9 @@ class _Engine:
 def create_app(loaded: Any, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI app for one loaded model (see module docstring)."""
     settings = settings or ServeSettings()
-    engine = _Engine(loaded, settings)
+    service = _ChatService(loaded, settings)
     app = FastAPI(title="llama2_sft", version="1")
-    app.state.engine = engine
+    app.state.service = service
 
     def check_key(request: Request) -> None:
         if settings.api_key is None:
@@ -133,7 +133,7 @@ def create_app(loaded: Any, settings: ServeSettings | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "in_flight": engine.admitted}
+        return {"status": "ok", "in_flight": service.admitted}
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models() -> dict:
@@ -144,23 +144,23 @@ def create_app(loaded: Any, settings: ServeSettings | None = None) -> FastAPI:
         history = body.history or []
         messages = [m for q, a in history for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
         messages.append({"role": "user", "content": body.prompt})
-        prompt, budget = engine.prepare(messages, body.max_length)
+        prompt, budget = service.prepare(messages, body.max_length)
         sampling = SamplingConfig(max_new_tokens=budget, temperature=body.temperature, top_p=body.top_p)
-        engine.admit()
-        result = await engine.reply(prompt, sampling, None, [])
+        service.admit()
+        result = await service.reply(prompt, sampling, None, [])
         return {"response": result["text"], "history": [*[list(h) for h in history], [body.prompt, result["text"]]],
                 "status": 200, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        prompt, budget = engine.prepare([m.model_dump() for m in body.messages], body.max_tokens)
+        prompt, budget = service.prepare([m.model_dump() for m in body.messages], body.max_tokens)
         sampling = SamplingConfig(max_new_tokens=budget, temperature=body.temperature, top_p=body.top_p)
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
-        engine.admit()
+        service.admit()
         if not body.stream:
-            result = await engine.reply(prompt, sampling, body.seed, stops)
+            result = await service.reply(prompt, sampling, body.seed, stops)
             return {
                 "id": completion_id, "object": "chat.completion", "created": created, "model": settings.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
@@ -168,7 +168,7 @@ def create_app(loaded: Any, settings: ServeSettings | None = None) -> FastAPI:
                 "usage": {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
                           "total_tokens": result["prompt_tokens"] + result["completion_tokens"]},
             }
-        stream = engine.start(prompt, sampling, body.seed)
+        stream = service.start(prompt, sampling, body.seed)
         return StreamingResponse(_sse(stream, request, stops, completion_id, created, settings.model_name),
                                  media_type="text/event-stream")
 

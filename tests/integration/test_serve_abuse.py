@@ -116,4 +116,4 @@ def test_32_concurrent_clients_get_answers_or_429_and_every_slot_is_freed(client
         thread.join(timeout=120)
     assert len(results) == 32 and set(results) <= {200, 429}
     assert results.count(200) >= 4  # max_queue=4: at least the first four are served
-    assert client.app.state.engine.admitted == 0
+    assert client.app.state.service.admitted == 0

@@ -171,25 +171,25 @@ def test_full_queue_answers_429_and_disconnected_clients_free_their_slots(server
     import httpx
 
     base, app = server
-    engine = app.state.engine
+    service = app.state.service
     payload = {"messages": [{"role": "user", "content": "count"}], "temperature": 1.0, "max_tokens": 2000, "stream": True}
     # Hold the model: the two streams are admitted (max_queue=2) but cannot finish, so the third is refused.
-    engine.lock.acquire()
+    service.lock.acquire()
     try:
         streams = [httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=60) for _ in range(2)]
         responses = [s.__enter__() for s in streams]
         for response in responses:
             next(response.iter_lines())  # the first chunk: the request is admitted and waiting for the model
-        assert engine.admitted == 2
+        assert service.admitted == 2
         refused = httpx.post(f"{base}/v1/chat/completions", json={**payload, "stream": False}, timeout=60)
         assert refused.status_code == 429
         for stream in streams:  # clients disconnect mid-stream
             stream.__exit__(None, None, None)
     finally:
-        engine.lock.release()
+        service.lock.release()
     deadline = time.time() + 60
-    while engine.admitted and time.time() < deadline:
+    while service.admitted and time.time() < deadline:
         time.sleep(0.1)
-    assert engine.admitted == 0
+    assert service.admitted == 0
     ok = httpx.post(f"{base}/v1/chat/completions", json={**payload, "stream": False, "max_tokens": 2}, timeout=60)
     assert ok.status_code == 200
