@@ -62,8 +62,9 @@ def main(cfg: DictConfig) -> dict:
 
         # Model + optimizer, placed by the strategy (single / ddp / fsdp / deepspeed).
         factory = ModelFactory(
-            build_full=lambda device, precision: build_model(cfg.model, tokenizer, precision, device, cfg.seed),
-            build_meta=lambda: build_meta_model(cfg.model, tokenizer, "fp32"),
+            build_full=lambda device, precision: build_model(cfg.model, tokenizer, precision, device, cfg.seed,
+                                                             cfg.peft, cfg.precision),
+            build_meta=lambda: build_meta_model(cfg.model, tokenizer, "fp32", cfg.peft, cfg.precision),
             build_optimizer=lambda named_params: instantiate(cfg.optimizer, params=named_params, _convert_="all"),
             prepare=lambda model: prepare_for_training(model, cfg.model, cfg.trainer),
         )

@@ -152,6 +152,28 @@ class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
+class PeftMethod(Choice):
+    none = "none"  # full fine-tune: every weight trains
+    lora = "lora"  # frozen base (in the compute dtype) + trainable low-rank adapters (peft)
+    qlora = "qlora"  # LoRA over a base quantized to 4-bit NF4 (bitsandbytes)
+
+
+# Every linear layer of a Llama decoder layer.
+LLAMA_LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class PeftConfig:
+    method: PeftMethod = PeftMethod.none
+    r: int = 8  # adapter rank
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapter's input (0: the step is deterministic)
+    target_modules: list = field(default_factory=lambda: list(LLAMA_LINEAR_MODULES))  # module names that get adapters
+    modules_to_save: list = field(default_factory=list)  # modules trained fully, e.g. [embed_tokens, lm_head]
+    quant_type: str = "nf4"  # qlora: bitsandbytes 4-bit type (nf4 | fp4)
+    double_quant: bool = True  # qlora: quantize the quantization constants too
+
+
 @dataclass
 class TrainConfig:
     output_dir: str = "outputs/${experiment_name}"  # rerunning with the same output_dir resumes (resume=auto)
@@ -161,6 +183,7 @@ class TrainConfig:
     resume: Any = "auto"  # auto (latest complete checkpoint in output_dir) | false | path to a checkpoint
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -175,6 +198,7 @@ def register_configs() -> None:
     store.store(name="train_schema", node=TrainConfig)
     store.store(group="dataset", name="dataset_schema", node=DatasetConfig)
     store.store(group="model", name="model_schema", node=ModelConfig)
+    store.store(group="peft", name="peft_schema", node=PeftConfig)
 
 
 def _import(path: str) -> Any:
@@ -228,9 +252,35 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError("model.tokenizer must be set for a random-init model (model.name_or_path is null)")
     bind_target(cfg.strategy, "strategy")
     bind_target(cfg.optimizer, "optimizer", skip=("params",))
+    validate_peft(cfg)
     if "deepspeed" in str(cfg.strategy._target_).lower() and importlib.util.find_spec("deepspeed") is None:
         raise ValueError(f"strategy._target_={cfg.strategy._target_} needs DeepSpeed, which is not installed: "
                          "pip install 'llama2_sft[deepspeed]' or choose strategy=fsdp")
+
+
+def validate_peft(cfg: DictConfig) -> None:
+    """LoRA / QLoRA settings and the combinations they cannot run in, named before any weights load."""
+    peft = cfg.peft
+    if peft.method == "none":
+        return
+    if importlib.util.find_spec("peft") is None:
+        raise ValueError(f"peft.method={peft.method} needs the peft library: pip install peft")
+    if peft.r < 1:
+        raise ValueError(f"peft.r={peft.r} must be >= 1")
+    if not 0 <= peft.dropout < 1:
+        raise ValueError(f"peft.dropout={peft.dropout} must be in [0, 1)")
+    if not peft.target_modules:
+        raise ValueError("peft.target_modules is empty: name the linear layers that get adapters, e.g. [q_proj, v_proj]")
+    if peft.method == "qlora":
+        target = str(cfg.strategy._target_)
+        if "FSDP" in target or "DeepSpeed" in target:
+            raise ValueError(f"peft=qlora with strategy._target_={target}: 4-bit NF4 weights are not sharded or "
+                             "partitioned here; use strategy=single or ddp (a QLoRA 7B fits one GPU), or peft=lora")
+        if cfg.model.name_or_path is None:
+            raise ValueError("peft=qlora quantizes a trained base: set model.name_or_path (a random init has nothing "
+                             "worth quantizing)")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("peft=qlora needs bitsandbytes: pip install 'llama2_sft[qlora]'")
 
 
 def preflight(cfg: DictConfig, device: Any) -> None:

@@ -55,17 +55,26 @@ def model_config(model_cfg: Any, tokenizer: Any, dtype: torch.dtype):
     return config
 
 
-def build_model(model_cfg: Any, tokenizer: Any, precision: str, device: torch.device | str = "cpu", seed: int = 0):
-    """Load the checkpoint (or random-init from `arch` with `seed`) in the training dtype on `device`."""
+def build_model(model_cfg: Any, tokenizer: Any, precision: str, device: torch.device | str = "cpu", seed: int = 0,
+                peft_cfg: Any = None, compute_precision: str | None = None):
+    """Load the checkpoint (or random-init from `arch` with `seed`) on `device`, its trained weights in `precision`.
+
+    With adapters (`peft_cfg`, llama2_sft.adapters) the frozen base is kept in `compute_precision` (4-bit NF4 for
+    QLoRA) and only the adapters and `modules_to_save` are in `precision`."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    dtype = DTYPES[precision]
+    from llama2_sft.adapters import apply_adapters, quantization_config, uses_adapters
+
+    adapters = uses_adapters(peft_cfg)
+    dtype = DTYPES[compute_precision or precision] if adapters else DTYPES[precision]
     config = model_config(model_cfg, tokenizer, dtype)
+    quantization = quantization_config(peft_cfg, dtype)
     if model_cfg.name_or_path:
+        kwargs = {"quantization_config": quantization, "device_map": {"": str(device)}} if quantization else {}
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 model_cfg.name_or_path, config=config, dtype=dtype, revision=model_cfg.revision,
-                attn_implementation=model_cfg.attn_implementation,
+                attn_implementation=model_cfg.attn_implementation, **kwargs,
             )
         except Exception as error:
             raise ValueError(f"model.name_or_path: cannot load {model_cfg.name_or_path!r}: {error}") from error
@@ -74,17 +83,29 @@ def build_model(model_cfg: Any, tokenizer: Any, precision: str, device: torch.de
             torch.manual_seed(seed)
             model = LlamaForCausalLM(config).to(dtype)
     model.config.use_cache = False
-    return model.to(device)
+    if quantization is None:
+        model = model.to(device)
+    if adapters:
+        with torch.random.fork_rng(devices=[]):  # adapter init: the same on every rank and for every strategy
+            torch.manual_seed(seed + 1)
+            apply_adapters(model, peft_cfg, DTYPES[precision])
+    return model
 
 
-def build_meta_model(model_cfg: Any, tokenizer: Any, precision: str):
-    """The same architecture with no storage (parameters on the meta device), for ranks that receive weights."""
+def build_meta_model(model_cfg: Any, tokenizer: Any, precision: str, peft_cfg: Any = None,
+                     compute_precision: str | None = None):
+    """The same architecture (adapters included) with no storage, for ranks that receive their weights."""
     from transformers import AutoModelForCausalLM
 
-    config = model_config(model_cfg, tokenizer, DTYPES[precision])
+    from llama2_sft.adapters import apply_adapters, uses_adapters
+
+    adapters = uses_adapters(peft_cfg)
+    dtype = DTYPES[compute_precision or precision] if adapters else DTYPES[precision]
+    config = model_config(model_cfg, tokenizer, dtype)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[precision],
-                                                 attn_implementation=model_cfg.attn_implementation)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
+        if adapters:
+            apply_adapters(model, peft_cfg, DTYPES[precision])
     model.config.use_cache = False
     return model
 
@@ -168,7 +189,3 @@ def prepare_for_training(model: torch.nn.Module, model_cfg: Any, trainer_cfg: An
     if model_cfg.compile:
         compile_decoder_layers(model, model_cfg.compile_backend)
     return model
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

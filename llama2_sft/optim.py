@@ -40,7 +40,8 @@ def build_adamw(
     others), else foreach. Same steps either way (tests/unit/test_fast_paths.py)."""
     named = list(params)
     groups = param_groups(named, weight_decay, no_decay)
-    fusable = bool(named) and all(p.device.type in FUSED_DEVICE_TYPES and p.is_floating_point() for _, p in named)
+    trainable = [p for _, p in named if p.requires_grad]  # frozen weights (LoRA's base) never reach the optimizer
+    fusable = bool(trainable) and all(p.device.type in FUSED_DEVICE_TYPES and p.is_floating_point() for p in trainable)
     use_fused = fusable if fused == "auto" else bool(fused)
     kwargs = {"fused": True} if use_fused else {"foreach": True}
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **kwargs)

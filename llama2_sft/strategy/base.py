@@ -132,8 +132,15 @@ class TorchStrategy(Strategy):
     def _state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_state, optim_state = get_state_dict(self.unwrapped_model(), self.optimizer)
+        model_state, optim_state = get_state_dict(self.unwrapped_model(), self.optimizer, options=self._state_options())
         return {"model": model_state, "optimizer": optim_state}
+
+    @staticmethod
+    def _state_options():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        # Frozen weights (a LoRA run's base) are not trained: they come from the base model, not from checkpoints.
+        return StateDictOptions(ignore_frozen_params=True, strict=False)
 
     def save(self, directory: str) -> None:
         import torch.distributed.checkpoint as dcp
@@ -146,5 +153,5 @@ class TorchStrategy(Strategy):
 
         state = self._state()
         dcp.load(state, checkpoint_id=os.path.join(directory, "model_optim"))
-        set_state_dict(self.unwrapped_model(), self.optimizer,
-                       model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        set_state_dict(self.unwrapped_model(), self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"], options=self._state_options())

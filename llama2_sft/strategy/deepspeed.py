@@ -123,15 +123,20 @@ class DeepSpeedStrategy(Strategy):
         return StepOutcome(grad_norm, bool(self.engine.was_step_applied()) and math.isfinite(loss))
 
     def save(self, directory: str) -> None:
-        self.engine.save_checkpoint(directory, tag="deepspeed", save_latest=False)
+        # frozen weights (a LoRA run's base) come from the base model, not from checkpoints
+        self.engine.save_checkpoint(directory, tag="deepspeed", save_latest=False, exclude_frozen_parameters=True)
 
     def load(self, directory: str) -> None:
-        path, _ = self.engine.load_checkpoint(directory, tag="deepspeed", load_lr_scheduler_states=False)
+        path, _ = self.engine.load_checkpoint(directory, tag="deepspeed", load_lr_scheduler_states=False,
+                                              load_module_strict=not self._has_frozen_parameters())
         if path is None:
             raise ValueError(f"{directory}: no DeepSpeed checkpoint (tag 'deepspeed') to resume from")
 
     def unwrapped_model(self) -> torch.nn.Module:
         return self.engine.module
+
+    def _has_frozen_parameters(self) -> bool:
+        return any(not p.requires_grad for p in self.engine.module.parameters())
 
     def num_parameters(self) -> int:
         # ZeRO-3 partitions parameters in place: each keeps its full size in `ds_numel`
