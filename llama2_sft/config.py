@@ -306,14 +306,27 @@ def preflight(cfg: DictConfig, device: Any) -> None:
     if cfg.model.name_or_path:
         from transformers import AutoConfig
 
+        from llama2_sft.model import base_source
+
+        path, kind = base_source(cfg.model)
+        if kind != "hf" and _is_within(cfg.output_dir, str(cfg.model.name_or_path)):
+            raise ValueError(f"output_dir={cfg.output_dir} is the run model.name_or_path={cfg.model.name_or_path} "
+                             "starts from: its checkpoints would be taken for this run's; set another output_dir "
+                             "(e.g. output_dir=outputs/embedded_lora)")
         try:
-            positions = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision).max_position_embeddings
+            positions = AutoConfig.from_pretrained(path, revision=cfg.model.revision).max_position_embeddings
         except Exception as error:  # noqa: BLE001 - the message names the key and the cause
             raise ValueError(f"model.name_or_path={cfg.model.name_or_path!r}: cannot read its config: {error}") from error
     else:
         positions = cfg.model.arch.get("max_position_embeddings", 2048)
     if cfg.dataset.max_length > positions:
         raise ValueError(f"dataset.max_length={cfg.dataset.max_length} exceeds the model's max_position_embeddings={positions}")
+
+
+def _is_within(output_dir: str, base: str) -> bool:
+    """Whether `output_dir` is the base run's directory or holds it (a resume there would find the base's checkpoints)."""
+    out, base = os.path.realpath(output_dir), os.path.realpath(base)
+    return base == out or base.startswith(out + os.sep)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

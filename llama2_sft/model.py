@@ -15,9 +15,24 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def base_source(model_cfg: Any) -> tuple[str | None, str]:
+    """(path, kind) of `model.name_or_path`: a Hugging Face dir or hub id (kind `hf`), or a run / checkpoint dir of
+    this repo (kind `dcp` / `deepspeed`, a run dir resolved to its latest complete checkpoint), so that a run can
+    start from another run's weights (SFT after continued pretraining, LoRA on a base trained here)."""
+    if not model_cfg.name_or_path:
+        return None, "none"
+    from llama2_sft.inference.load import resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(str(model_cfg.name_or_path))
+    except ValueError as error:
+        raise ValueError(f"model.name_or_path: {error}") from error
+
+
 def tokenizer_path(model_cfg: Any) -> str:
-    """Where the tokenizer comes from: model.tokenizer, else the model's own path / hub id."""
-    path = model_cfg.tokenizer or model_cfg.name_or_path
+    """Where the tokenizer comes from: model.tokenizer, else the model's own path / hub id (a run's checkpoint dir
+    holds the tokenizer it trained with)."""
+    path = model_cfg.tokenizer or base_source(model_cfg)[0]
     if not path:
         raise ValueError("model.tokenizer is not set and model.name_or_path is null")
     return str(path)
@@ -42,8 +57,9 @@ def model_config(model_cfg: Any, tokenizer: Any, dtype: torch.dtype):
     """The transformers config for a checkpoint or for a random init from `model.arch`."""
     from transformers import AutoConfig, LlamaConfig
 
-    if model_cfg.name_or_path:
-        config = AutoConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision)
+    path, _ = base_source(model_cfg)
+    if path:
+        config = AutoConfig.from_pretrained(path, revision=model_cfg.revision)
     else:
         arch = dict(model_cfg.arch)
         arch.setdefault("vocab_size", len(tokenizer))
@@ -69,11 +85,14 @@ def build_model(model_cfg: Any, tokenizer: Any, precision: str, device: torch.de
     dtype = DTYPES[compute_precision or precision] if adapters else DTYPES[precision]
     config = model_config(model_cfg, tokenizer, dtype)
     quantization = quantization_config(peft_cfg, dtype)
-    if model_cfg.name_or_path:
+    path, kind = base_source(model_cfg)
+    if kind in ("dcp", "deepspeed"):
+        model = _load_trained_run(path, model_cfg, config, dtype, quantization)
+    elif path:
         kwargs = {"quantization_config": quantization, "device_map": {"": str(device)}} if quantization else {}
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                model_cfg.name_or_path, config=config, dtype=dtype, revision=model_cfg.revision,
+                path, config=config, dtype=dtype, revision=model_cfg.revision,
                 attn_implementation=model_cfg.attn_implementation, **kwargs,
             )
         except Exception as error:
@@ -89,6 +108,20 @@ def build_model(model_cfg: Any, tokenizer: Any, precision: str, device: torch.de
         with torch.random.fork_rng(devices=[]):  # adapter init: the same on every rank and for every strategy
             torch.manual_seed(seed + 1)
             apply_adapters(model, peft_cfg, DTYPES[precision])
+    return model
+
+
+def _load_trained_run(path: str, model_cfg: Any, config: Any, dtype: torch.dtype, quantization: Any):
+    """A checkpoint of this repo as the base: consolidated in fp32 as every consumer loads it, then in `dtype`."""
+    from llama2_sft.inference.load import load_model
+
+    if quantization is not None:
+        raise ValueError(f"peft=qlora quantizes a Hugging Face checkpoint; model.name_or_path={model_cfg.name_or_path} "
+                         "is a run of this repo: export it first (python -m llama2_sft.export ckpt=RUN format=hf "
+                         "out=DIR dtype=bf16) and pass model.name_or_path=DIR")
+    model = load_model(path, device="cpu", dtype="fp32").model.to(dtype)
+    model.set_attn_implementation(model_cfg.attn_implementation)
+    model.config.dtype = dtype
     return model
 
 
