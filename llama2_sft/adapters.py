@@ -71,6 +71,16 @@ def apply_adapters(model: torch.nn.Module, peft_cfg: Any, trainable_dtype: torch
     return model
 
 
+def keep_4bit_weights_differentiable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes (0.50) from repacking 4-bit weights for its CPU inference kernel. On CPUs with AVX512-BF16,
+    the first forward in eval mode without grad (the Validator's) converts every `Linear4bit` weight, for good, to a
+    layout whose matmul has no backward: training would go on with silently wrong gradients (measured: the
+    embedding's gradient norm off by 500x after one eval). QLoRA keeps the layout its backward works with."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def trainable_parameter_count(model: torch.nn.Module) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
 

@@ -79,7 +79,7 @@ def build_model(model_cfg: Any, tokenizer: Any, precision: str, device: torch.de
     QLoRA) and only the adapters and `modules_to_save` are in `precision`."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    from llama2_sft.adapters import apply_adapters, quantization_config, uses_adapters
+    from llama2_sft.adapters import apply_adapters, keep_4bit_weights_differentiable, quantization_config, uses_adapters
 
     adapters = uses_adapters(peft_cfg)
     dtype = DTYPES[compute_precision or precision] if adapters else DTYPES[precision]
@@ -104,6 +104,8 @@ def build_model(model_cfg: Any, tokenizer: Any, precision: str, device: torch.de
     model.config.use_cache = False
     if quantization is None:
         model = model.to(device)
+    else:
+        keep_4bit_weights_differentiable(model)
     if adapters:
         with torch.random.fork_rng(devices=[]):  # adapter init: the same on every rank and for every strategy
             torch.manual_seed(seed + 1)

@@ -97,13 +97,14 @@ class Checkpointer:
         its step."""
         if not is_complete(path):
             raise ValueError(f"{path}: incomplete checkpoint (no {COMPLETE} marker); refusing to load it")
-        self.strategy.load(path)
         with open(os.path.join(path, "trainer_state.json")) as handle:
             state = json.load(handle)
+        # The stateful parts first: they check what the weights belong to (a LoRA run's base) before any are read.
         for key, part in self.stateful.items():
             if key not in state:
                 raise ValueError(f"{path}/trainer_state.json has no {key!r} state: written by an incompatible version")
             part.load_state_dict(state[key])
+        self.strategy.load(path)
         rng_file = os.path.join(path, f"rng_rank{self.ctx.rank}.pt")
         if state.get("world_size") == self.ctx.world_size and os.path.isfile(rng_file):
             set_rng_state(torch.load(rng_file, weights_only=True))

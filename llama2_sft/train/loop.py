@@ -69,9 +69,10 @@ class Trainer:
             batch_size=trainer.eval_batch_size, max_samples=trainer.eval_max_samples,
             generate_samples=trainer.generate_samples, accuracy_samples=trainer.accuracy_samples,
             max_new_tokens=trainer.max_new_tokens, fused_loss=self.fused_loss, varlen=self.varlen)
-        stateful = {"trainer": self, "loader": loader, "metrics": self.metrics, "validator": self.validator}
+        stateful = {}
         if uses_adapters(cfg.peft):  # a LoRA checkpoint holds only the adapters: it must resume onto the same base
             stateful["base"] = BaseReference(cfg.model.name_or_path, cfg.model.revision, model.config)
+        stateful.update(trainer=self, loader=loader, metrics=self.metrics, validator=self.validator)
         self.checkpointer = Checkpointer(
             strategy, ctx, cfg.output_dir, save_steps=trainer.save_steps, keep=trainer.save_total_limit, stateful=stateful,
             config_yaml=OmegaConf.to_yaml(cfg, resolve=True), model_config=model.config, tokenizer_dir=tokenizer_dir)
