@@ -40,6 +40,7 @@ class Trainer:
                  eval_set: Any | None, tokenizer_dir: str | None = None):
         trainer = cfg.trainer
         self.ctx, self.strategy, self.loader = ctx, strategy, loader
+        self.output_dir = cfg.output_dir
         self.on_nan = trainer.on_nan
         self.total_steps = trainer.max_steps if trainer.max_steps > 0 else max(1, math.ceil(trainer.epochs * loader.steps_per_epoch))
         self.stop_after_steps = trainer.stop_after_steps
@@ -108,6 +109,15 @@ class Trainer:
         return result
 
     # --- the loop -----------------------------------------------------------------------------------------
+    def _draw_curves(self) -> None:
+        """output_dir/curves.png from metrics.jsonl; a picture that cannot be drawn never fails the run."""
+        from llama2_sft.plot import write_curves
+
+        try:
+            log.info("loss curves: %s", write_curves(self.output_dir))
+        except Exception as error:  # noqa: BLE001 - matplotlib missing or a broken backend: say so, keep the run
+            log.warning("could not draw %s/curves.png: %s", self.output_dir, error)
+
     def fit(self) -> dict:
         """Train to `total_steps` (or `stop_after_steps` more), validating and checkpointing on cadence."""
         started = time.time()
@@ -130,6 +140,8 @@ class Trainer:
         accuracy, answers = self.validator.final(self.step) if finished else (None, [])
         checkpoint = self.checkpointer.save(self.step, last_step=True)
         self.metrics.close()
+        if self.ctx.is_main:
+            self._draw_curves()
         return {"steps": self.step, "seconds": time.time() - started, "eval_loss_start": self.validator.first_loss,
                 "eval_loss_end": self.validator.last_loss, "accuracy": accuracy, "checkpoint": checkpoint,
                 "samples": answers[:3], "resumed_from": self.resumed_from, "tokens_seen": self.tokens_seen,

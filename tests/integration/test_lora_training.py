@@ -195,6 +195,7 @@ def test_lora_checkpoints_hold_only_the_trainable_weights_and_their_optimizer_st
     with open(os.path.join(path, "trainer_state.json")) as handle:
         base = json.load(handle)["base"]
     assert base["name_or_path"] == tiny_checkpoint and len(base["config_sha256"]) == 64
+    assert (straight / "curves.png").stat().st_size > 10_000  # every run ends with its loss curves drawn
 
 
 @pytest.mark.slow
