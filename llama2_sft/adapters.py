@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from typing import Any
 
 import torch
@@ -18,6 +19,15 @@ import torch
 # Architecture fields that identify a base model (runtime switches such as use_cache or the attention kernel do not).
 ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "max_position_embeddings", "rope_theta", "rms_norm_eps", "tie_word_embeddings")
+
+
+def _quiet_bitsandbytes() -> None:
+    """bitsandbytes (imported by peft) warns at import on CPUs with AVX512-BF16 that an optional inference kernel
+    package is missing; QLoRA training never uses that kernel (keep_4bit_weights_differentiable), so say nothing."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+_quiet_bitsandbytes()
 
 
 def uses_adapters(peft_cfg: Any) -> bool:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import subprocess
+import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +77,16 @@ def destroy_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    _forget_deepspeed_groups()
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches groups cloned from the world group; once the world is gone they are stale, and a later
+    process group in the same process (a notebook, the tests) would hand them to DeepSpeed's next engine."""
+    groups = sys.modules.get("deepspeed.utils.groups")
+    release = getattr(groups, "_release_process_group_references", None)
+    if release is not None:
+        release(None)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -89,3 +102,11 @@ def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
+
+@contextlib.contextmanager
+def quiet_single_process():
+    """DCP warns on every save and load without a process group that it assumes one process: that is the intent of
+    strategy=single, so the warning (which nobody can act on) is dropped; every other warning passes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled, )?unavailable or uninitialized")
+        yield

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from llama2_sft.data.loader import BatchLayout
-from llama2_sft.distributed import DistContext
+from llama2_sft.distributed import DistContext, quiet_single_process
 
 
 @dataclass
@@ -145,13 +145,16 @@ class TorchStrategy(Strategy):
     def save(self, directory: str) -> None:
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(self._state(), checkpoint_id=os.path.join(directory, "model_optim"))
+        with quiet_single_process():
+            dcp.save(self._state(), checkpoint_id=os.path.join(directory, "model_optim"))
 
     def load(self, directory: str) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         state = self._state()
-        dcp.load(state, checkpoint_id=os.path.join(directory, "model_optim"))
+        with quiet_single_process():
+            dcp.load(state, checkpoint_id=os.path.join(directory, "model_optim"))
         set_state_dict(self.unwrapped_model(), self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"], options=self._state_options())
+

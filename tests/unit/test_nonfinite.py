@@ -8,7 +8,7 @@ import torch
 from hydra.utils import instantiate
 
 from llama2_sft.data.loader import BatchLayout, SFTLoader
-from llama2_sft.distributed import DistContext
+from llama2_sft.distributed import DistContext, destroy_distributed
 from llama2_sft.model import build_model, prepare_for_training
 from llama2_sft.strategy import ModelFactory, StepSettings
 from llama2_sft.train.loop import NonFiniteLossError, Trainer
@@ -72,7 +72,7 @@ def one_process_group(monkeypatch):
         monkeypatch.setenv(key, value)
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
-    dist.destroy_process_group()
+    destroy_distributed()
 
 
 @pytest.mark.parametrize("strategy", ["single", "deepspeed_zero2"])
