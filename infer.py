@@ -4,8 +4,8 @@
     python infer.py ckpt=outputs/embedded                                    # interactive (/reset, /system TEXT, /exit)
     python infer.py ckpt=outputs/embedded input=q.jsonl output=a.jsonl       # batch: {"messages": [...]} per line
 
-ckpt may be a training run dir, one checkpoint (FSDP/DCP or DeepSpeed shards, consolidated on the fly) or a Hugging
-Face model dir. Settings: conf/infer.yaml (schema: InferConfig in llama2_sft/config.py). Prompts are built by the
+ckpt may be a training run dir, one checkpoint (FSDP/DCP or DeepSpeed shards, consolidated on the fly; a LoRA / QLoRA
+run merged into its base, or into base=PATH) or a Hugging Face model dir. Settings: conf/infer.yaml (schema: InferConfig in llama2_sft/config.py). Prompts are built by the
 same encode_dialog that built the training data; answers come from the one chat generator the API and the demo use.
 """
 
@@ -101,7 +101,7 @@ def main(cfg: DictConfig) -> None:
 
     if cfg.input and not cfg.output:
         raise ValueError("batch mode needs output=FILE.jsonl as well as input=")
-    loaded = load_model(cfg.ckpt, cfg.device.value, cfg.dtype.value)
+    loaded = load_model(cfg.ckpt, cfg.device.value, cfg.dtype.value, base=cfg.base)
     generator = ChatGenerator(loaded)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty)

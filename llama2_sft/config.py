@@ -358,6 +358,7 @@ class Dtype(Choice):
 class ExportFormat(Choice):
     hf = "hf"  # a Hugging Face directory (safetensors + tokenizer + chat template)
     gguf = "gguf"  # one GGUF file for llama.cpp
+    peft = "peft"  # a LoRA / QLoRA run's adapters as a stock PEFT adapter dir (adapter_config.json + safetensors)
 
 
 class ExportDtype(Choice):
@@ -392,6 +393,7 @@ class InferConfig:
     top_k: int = 0  # 0 = off
     repetition_penalty: float = 1.0
     seed: int = 0
+    base: Optional[str] = None  # a LoRA / QLoRA run's base model; null = the one it was trained from (trainer_state.json)
     device: Device = Device.auto
     dtype: Dtype = Dtype.auto
 
@@ -407,6 +409,7 @@ class ServeConfig:
     max_queue: int = 8  # requests admitted (waiting or running); one more gets 429
     max_new_tokens_limit: int = 2048  # the most new tokens one request may ask for
     system: Optional[str] = "default"  # for requests without a system message: default (training's), meta, none, text
+    base: Optional[str] = None  # a LoRA / QLoRA run's base model; null = the one it was trained from (trainer_state.json)
     device: Device = Device.auto
     dtype: Dtype = Dtype.auto
 
@@ -420,19 +423,21 @@ class DemoConfig:
     port: int = 7860
     share: bool = False  # a public gradio.live link
     system: Optional[str] = "default"  # the system prompt box's first value: default (training's), meta, none, text
+    base: Optional[str] = None  # a LoRA / QLoRA run's base model; null = the one it was trained from (trainer_state.json)
     device: Device = Device.auto
     dtype: Dtype = Dtype.auto
 
 
 @dataclass
 class ExportConfig:
-    """python -m llama2_sft.export ckpt=PATH format=hf|gguf out=PATH [dtype=bf16] [quant=f16]"""
+    """python -m llama2_sft.export ckpt=PATH format=hf|gguf|peft out=PATH [dtype=bf16] [quant=f16] [base=PATH]"""
 
     ckpt: str = MISSING
-    out: str = MISSING  # a directory (hf) or a file (gguf)
-    format: ExportFormat = ExportFormat.hf
-    dtype: ExportDtype = ExportDtype.bf16  # format=hf
+    out: str = MISSING  # a directory (hf, peft) or a file (gguf)
+    format: ExportFormat = ExportFormat.hf  # hf / gguf of a LoRA run: merged into its base; peft: its adapters alone
+    dtype: ExportDtype = ExportDtype.bf16  # format=hf (format=peft keeps the adapters' fp32)
     quant: GgufQuant = GgufQuant.f16  # format=gguf
+    base: Optional[str] = None  # a LoRA / QLoRA run's base model; null = the one it was trained from (trainer_state.json)
     device: Device = Device.cpu  # where the checkpoint is consolidated
 
 

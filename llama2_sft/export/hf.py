@@ -63,6 +63,30 @@ def choose_chat_template(tokenizer_dir: str) -> str:
             return template
     raise ValueError(f"{tokenizer_dir}: no llama-2 chat template variant reproduces encode_dialog with this tokenizer")
 
+
+def write_tokenizer(source_dir: str, out_dir: str) -> None:
+    """Copy the checkpoint's SentencePiece tokenizer files into `out_dir` (save_pretrained would drop
+    tokenizer.model) with the llama-2 chat template that stock transformers renders as encode_dialog encodes."""
+    for name in TOKENIZER_FILES:
+        source = os.path.join(source_dir, name)
+        if os.path.isfile(source):
+            shutil.copy2(source, os.path.join(out_dir, name))
+    config_path = os.path.join(out_dir, "tokenizer_config.json")
+    tokenizer_config = {}
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as handle:
+            tokenizer_config = json.load(handle)
+    tokenizer_config.pop("chat_template", None)  # choose_chat_template tries each variant on the bare tokenizer
+    with open(config_path, "w", encoding="utf-8") as handle:
+        json.dump(tokenizer_config, handle, indent=2, ensure_ascii=False)
+    template = choose_chat_template(out_dir)
+    tokenizer_config["chat_template"] = template
+    with open(config_path, "w", encoding="utf-8") as handle:
+        json.dump(tokenizer_config, handle, indent=2, ensure_ascii=False)
+    with open(os.path.join(out_dir, "chat_template.jinja"), "w", encoding="utf-8") as handle:
+        handle.write(template)
+
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -79,24 +103,7 @@ def export_hf(loaded: LoadedModel, out_dir: str, dtype: str = "bf16", max_shard_
     model.generation_config.eos_token_id = loaded.tokenizer.eos_token_id
     model.generation_config.pad_token_id = loaded.tokenizer.pad_token_id
     model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
-    for name in TOKENIZER_FILES:  # the SentencePiece files themselves (save_pretrained would drop tokenizer.model)
-        source = os.path.join(loaded.source, name)
-        if os.path.isfile(source):
-            shutil.copy2(source, os.path.join(tmp, name))
-    config_path = os.path.join(tmp, "tokenizer_config.json")
-    tokenizer_config = {}
-    if os.path.isfile(config_path):
-        with open(config_path, encoding="utf-8") as handle:
-            tokenizer_config = json.load(handle)
-    tokenizer_config.pop("chat_template", None)
-    with open(config_path, "w", encoding="utf-8") as handle:
-        json.dump(tokenizer_config, handle, indent=2, ensure_ascii=False)
-    template = choose_chat_template(tmp)
-    tokenizer_config["chat_template"] = template
-    with open(config_path, "w", encoding="utf-8") as handle:
-        json.dump(tokenizer_config, handle, indent=2, ensure_ascii=False)
-    with open(os.path.join(tmp, "chat_template.jinja"), "w", encoding="utf-8") as handle:
-        handle.write(template)
+    write_tokenizer(loaded.source, tmp)
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -18,7 +18,7 @@ def main(cfg: DictConfig) -> None:
     from llama2_sft.inference.load import load_model, system_prompt_setting
     from llama2_sft.serve.api import ServeSettings, create_app
 
-    loaded = load_model(cfg.ckpt, cfg.device.value, cfg.dtype.value)
+    loaded = load_model(cfg.ckpt, cfg.device.value, cfg.dtype.value, base=cfg.base)
     settings = ServeSettings(model_name=os.path.basename(os.path.normpath(cfg.ckpt)), max_queue=cfg.max_queue,
                              max_new_tokens_limit=cfg.max_new_tokens_limit, api_key=cfg.api_key or None,
                              system_prompt=system_prompt_setting(loaded, cfg.system))

@@ -3,9 +3,9 @@
     python -m llama2_sft.serve.demo ckpt=outputs/embedded                      # http://127.0.0.1:7860
     python -m llama2_sft.serve.demo ckpt=PATH port=7861 host=0.0.0.0 device=cuda dtype=bf16 share=false
 
-ckpt is anything `llama2_sft.inference.load.load_model` accepts (run dir, checkpoint dir, Hugging Face dir); the
-settings are `conf/demo.yaml`. The system prompt box starts with the prompt training used; the chat history becomes
-alternating user/assistant messages and every answer is streamed by the one chat generator
+ckpt is anything `llama2_sft.inference.load.load_model` accepts (run dir, checkpoint dir, LoRA run, Hugging Face
+dir); the settings are `conf/demo.yaml`. The system prompt box starts with the prompt training used; the chat
+history becomes alternating user/assistant messages and every answer is streamed by the one chat generator
 (`llama2_sft.inference.chat`), so the prompt is built by the same `encode_dialog` that built the training data. One
 generation runs at a time (queue concurrency 1, plus the generator's lock, which also covers a generation that is
 still winding down after Stop).
@@ -198,7 +198,7 @@ def main(cfg: DictConfig) -> None:
     from llama2_sft.inference.load import load_model, system_prompt_setting
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    loaded = load_model(cfg.ckpt, cfg.device.value, cfg.dtype.value)
+    loaded = load_model(cfg.ckpt, cfg.device.value, cfg.dtype.value, base=cfg.base)
     log.info("loaded %s (%s) on %s", loaded.source, loaded.kind, next(loaded.model.parameters()).device)
     demo = build_demo(loaded, system_prompt_setting(loaded, cfg.system))
     demo.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, show_error=True)

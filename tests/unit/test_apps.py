@@ -58,6 +58,16 @@ def test_infer_keeps_quoted_text_and_its_sampling_defaults():
 
 
 @pytest.mark.parametrize("app", APPS)
+def test_every_app_takes_a_lora_runs_base_defaulting_to_the_one_it_was_trained_from(app):
+    assert compose_app(app, ["ckpt=x"]).base is None
+    assert compose_app(app, ["ckpt=x", "base=/models/llama-2-7b"]).base == "/models/llama-2-7b"
+
+
+def test_export_takes_format_peft():
+    assert compose_app("export", ["ckpt=x", "out=y", "format=peft"]).format == ExportFormat.peft
+
+
+@pytest.mark.parametrize("app", APPS)
 def test_ckpt_is_required(app):
     assert "ckpt" in OmegaConf.missing_keys(compose_app(app))
 
@@ -93,7 +103,7 @@ def test_cfg_job_prints_the_settings_without_running():
                           cwd=REPO, capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=REPO))
     assert done.returncode == 0, done.stderr
     assert OmegaConf.create(done.stdout) == {"ckpt": "x", "out": "y", "format": "gguf", "dtype": "bf16",
-                                             "quant": "f16", "device": "cpu"}
+                                             "quant": "f16", "base": None, "device": "cpu"}
 
 
 def test_export_without_out_fails_naming_it_before_loading_anything():

@@ -1,0 +1,82 @@
+"""Export a LoRA / QLoRA run's adapters as a stock PEFT adapter directory: adapter_config.json (peft's `LoraConfig`,
+naming the base), adapter_model.safetensors (keys as `PeftModel.save_pretrained` writes them) and the tokenizer
+files with the llama-2 chat template, so that `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
+DIR)` works without this package. Named `adapter.py`, not `peft.py`, so that it never shadows the `peft` package.
+
+Training injects adapters in place (the model stays a `LlamaForCausalLM`): its keys are
+`model.layers.0.self_attn.q_proj.lora_A.default.weight`, and `peft.modules_to_save` trains the module itself
+(`lm_head.weight`). A stock `PeftModel` nests the same model under `base_model.model.` and saves without the adapter
+name: `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, `base_model.model.lm_head.weight`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+
+import torch
+
+from llama2_sft.inference.load import AdapterState, check_base, locate_base
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # where PeftModel keeps the wrapped transformers model
+_ADAPTER_NAME = re.compile(r"\.(lora_[A-Za-z_]+)\.default(?=\.|$)")  # the in-place adapter's name in its keys
+
+
+def peft_key(key: str) -> str:
+    """The key `PeftModel.save_pretrained` writes for one trainable weight of the in-place injected model."""
+    return PEFT_PREFIX + _ADAPTER_NAME.sub(r".\1", key)
+
+
+def adapter_config(adapters: AdapterState):
+    """peft's `LoraConfig` of the run, naming the base it adapts, ready for inference (no dropout effect)."""
+    from llama2_sft.adapters import lora_config
+
+    config = lora_config(adapters.settings)
+    config.base_model_name_or_path = adapters.base
+    config.revision = adapters.revision
+    config.modules_to_save = list(adapters.settings.modules_to_save) or None
+    config.inference_mode = True
+    return config
+
+
+def _check_base_if_present(adapters: AdapterState) -> None:
+    """The adapters are written without loading the base; where it is on this machine its architecture is checked,
+    and a base that stock transformers cannot load (a run of this repo) gets a hint."""
+    try:
+        _, kind, config = locate_base(adapters)
+    except ValueError:
+        log.info("base %s is not on this machine: its architecture is not checked", adapters.base)
+        return
+    check_base(adapters, config)
+    if kind != "hf":
+        log.warning("base %s is a run of this repo (%s), which stock transformers cannot load: export it with "
+                    "python -m llama2_sft.export ckpt=%s format=hf out=BASE_DIR and export the adapters again with "
+                    "base=BASE_DIR", adapters.base, kind, adapters.base)
+
+
+def export_peft(adapters: AdapterState, out_dir: str) -> str:
+    """Write `adapters` as a PEFT adapter directory at `out_dir` (under a temporary name, renamed when complete)."""
+    from safetensors.torch import save_file
+
+    from llama2_sft.export.hf import write_tokenizer
+
+    _check_base_if_present(adapters)
+    out_dir = os.path.abspath(os.path.expanduser(str(out_dir)))
+    tmp = f"{out_dir.rstrip('/')}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write_tokenizer(adapters.source, tmp)
+    adapter_config(adapters).save_pretrained(tmp)
+    weights = {peft_key(key): tensor.detach().to("cpu", torch.float32).contiguous()
+               for key, tensor in adapters.trainable.items()}
+    save_file(weights, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
