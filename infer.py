@@ -1,6 +1,6 @@
 """Chat with a trained model.
 
-    python infer.py ckpt=outputs/embedded prompt="3 加 4 等于几？"            # one answer, streamed
+    python infer.py ckpt=outputs/embedded "prompt=3 加 4 等于几？"            # one answer, streamed (free text as typed)
     python infer.py ckpt=outputs/embedded                                    # interactive (/reset, /system TEXT, /exit)
     python infer.py ckpt=outputs/embedded input=q.jsonl output=a.jsonl       # batch: {"messages": [...]} per line
 
@@ -17,7 +17,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from llama2_sft.config import CONF_DIR, register_app_configs
+from llama2_sft.config import CONF_DIR, FREE_TEXT_KEYS, free_text_argv, register_app_configs
 
 
 def _batch(cfg: DictConfig, generator, sampling, system: str | None) -> None:
@@ -117,4 +117,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     register_app_configs()
+    sys.argv = free_text_argv(sys.argv, FREE_TEXT_KEYS["infer"])  # prompt=你好 as typed
     main()

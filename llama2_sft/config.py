@@ -449,3 +449,45 @@ def register_app_configs() -> None:
     store = ConfigStore.instance()
     for app, schema in APP_SCHEMAS.items():
         store.store(name=f"{app}_schema", node=schema)
+
+
+FREE_TEXT_KEYS = {"infer": ("prompt", "system"), "serve": ("system",), "demo": ("system",)}
+
+
+def free_text_argv(argv: list[str], keys: tuple[str, ...]) -> list[str]:
+    """`argv` with each `KEY=TEXT` of a free-text key rewritten so that TEXT reaches the app exactly as typed.
+
+    Hydra's override grammar rejects unquoted non-ASCII text (`prompt=你好`), splits on spaces and commas, reads
+    `[...]` as lists and `${...}` as interpolations. A value wholly inside one pair of quotes that Hydra parses
+    (`'prompt="3 加 4 等于几？"'`, the documented older form) is left to Hydra; any other value becomes a single-quoted
+    Hydra string whose quotes, backslashes and `${` are escaped, which Hydra and OmegaConf turn back into TEXT."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    out = [argv[0]] if argv else []
+    for arg in argv[1:]:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") in keys and not _hydra_quoted(parser, arg, value):
+            arg = f"{key}={hydra_quote(value)}"
+        out.append(arg)
+    return out
+
+
+def _hydra_quoted(parser: Any, arg: str, value: str) -> bool:
+    if len(value) < 2 or value[0] not in "'\"" or value[-1] != value[0]:
+        return False
+    try:
+        parser.parse_override(arg)
+    except Exception:  # noqa: BLE001 - Hydra's grammar errors: then the value is text, not a Hydra string
+        return False
+    return True
+
+
+def hydra_quote(text: str) -> str:
+    """A single-quoted Hydra override value that Hydra and OmegaConf read back as exactly `text`."""
+    import re
+
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)  # backslashes before a quote, the quote
+    escaped = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", escaped)  # ... before an interpolation
+    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)  # ... before the closing quote
+    return f"'{escaped}'"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from llama2_sft.config import CONF_DIR, register_app_configs
+from llama2_sft.config import CONF_DIR, FREE_TEXT_KEYS, free_text_argv, register_app_configs
 
 
 @hydra.main(config_path=CONF_DIR, config_name="serve", version_base="1.3")
@@ -27,4 +28,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     register_app_configs()
+    sys.argv = free_text_argv(sys.argv, FREE_TEXT_KEYS["serve"])  # prompt=你好 as typed
     main()

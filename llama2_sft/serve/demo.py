@@ -18,12 +18,13 @@ Endpoints (also usable with `gradio_client`): /chat (message, history, system, t
 from __future__ import annotations
 
 import logging
+import sys
 from typing import TYPE_CHECKING, Any, Iterator
 
 import hydra
 from omegaconf import DictConfig
 
-from llama2_sft.config import CONF_DIR, register_app_configs
+from llama2_sft.config import CONF_DIR, FREE_TEXT_KEYS, free_text_argv, register_app_configs
 
 if TYPE_CHECKING:  # torch is imported when a model is served, not when the command line is checked
     from llama2_sft.inference.chat import ChatGenerator
@@ -206,4 +207,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     register_app_configs()
+    sys.argv = free_text_argv(sys.argv, FREE_TEXT_KEYS["demo"])  # prompt=你好 as typed
     main()

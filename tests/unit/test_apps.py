@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
@@ -110,3 +111,53 @@ def test_export_without_out_fails_naming_it_before_loading_anything():
     done = subprocess.run([sys.executable, "-m", "llama2_sft.export", "ckpt=/no/such/run"], cwd=REPO, capture_output=True,
                           text=True, timeout=60, env=dict(os.environ, PYTHONPATH=REPO))
     assert done.returncode != 0 and "Missing mandatory value: out" in done.stderr, done.stderr
+
+
+FREE_TEXT = ["你好", "3 加 4 等于几？", "a, b = c", "it's \"quoted\"", "</s>[INST] <<SYS>>", "${oc.env:HOME}", "[1, 2]",
+             "{a: 1}", "null", "back\\slash\\", "\\'", "x=y=z", "  spaced  ", ""]
+
+
+@pytest.mark.parametrize("text", FREE_TEXT)
+def test_free_text_reaches_the_config_as_typed(text):
+    from llama2_sft.config import free_text_argv
+
+    argv = free_text_argv(["infer.py", "ckpt=x", f"prompt={text}", f"system={text}", "temperature=0"], ("prompt", "system"))
+    cfg = compose_app("infer", argv[1:])
+    assert (cfg.prompt, cfg.system, cfg.temperature) == (text, text, 0)
+
+
+def test_free_text_quoting_round_trips_every_short_string_of_the_tricky_characters():
+    """Exhaustive over strings of up to 3 characters from the ones Hydra's grammar or OmegaConf treat specially."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from llama2_sft.config import hydra_quote
+
+    parser = OverridesParser.create()
+    for length in range(1, 4):
+        for chars in itertools.product(["\\", "'", '"', "$", "{", "}", "a", " ", "=", ","], repeat=length):
+            text = "".join(chars)
+            value = parser.parse_override(f"prompt={hydra_quote(text)}").value()
+            assert OmegaConf.create({"prompt": value}).prompt == text, (text, hydra_quote(text))
+
+
+def test_a_wholly_quoted_value_keeps_its_older_meaning():
+    from llama2_sft.config import free_text_argv
+
+    assert free_text_argv(["infer.py", 'prompt="3 加 4"'], ("prompt",)) == ["infer.py", 'prompt="3 加 4"']
+    assert free_text_argv(["infer.py", 'prompt="a" or "b"'], ("prompt",)) == ["infer.py", "prompt='\"a\" or \"b\"'"]
+
+
+@pytest.mark.parametrize("app", ["infer", "serve", "demo"])
+def test_free_text_through_the_real_command_line(app):
+    """Unquoted Chinese, spaces, punctuation, `=`, quotes, `</s>` and an interpolation-looking `${...}`: the settings
+    the app would run with (`--cfg job --resolve`) hold them as typed."""
+    text = '你好, world = "x" \'y\' </s> [INST] ${oc.env:HOME} 3 加 4 等于几？'
+    keys = ["prompt", "system"] if app == "infer" else ["system"]
+    done = subprocess.run([sys.executable, *COMMANDS[app], "ckpt=x", *(f"{key}={text}" for key in keys), "--cfg",
+                           "job", "--resolve"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+    assert done.returncode == 0, done.stderr
+    printed = yaml.safe_load(done.stdout)
+    assert [printed[key] for key in keys] == [text] * len(keys)
