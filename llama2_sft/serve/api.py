@@ -122,6 +122,7 @@ def create_app(loaded: Any, settings: ServeSettings | None = None) -> FastAPI:
     settings = settings or ServeSettings()
     service = _ChatService(loaded, settings)
     app = FastAPI(title="llama2_sft", version="1")
+    app.add_middleware(_FormBodyAsJson)
     app.state.service = service
 
     def check_key(request: Request) -> None:
@@ -178,6 +179,25 @@ def create_app(loaded: Any, settings: ServeSettings | None = None) -> FastAPI:
                             headers=getattr(error, "headers", None))
 
     return app
+
+
+class _FormBodyAsJson:
+    """`curl URL -d '{...}'` sends its JSON as `application/x-www-form-urlencoded`, which FastAPI would not parse: every
+    route here takes JSON only, so such a POST body is read as JSON (a body that is not JSON still gets its 4xx)."""
+
+    FORM = b"application/x-www-form-urlencoded"
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = scope["headers"]
+            if any(name == b"content-type" and value.split(b";")[0].strip().lower() == self.FORM
+                   for name, value in headers):
+                scope = dict(scope, headers=[(name, b"application/json" if name == b"content-type" else value)
+                                             for name, value in headers])
+        await self.app(scope, receive, send)
 
 
 async def _sse(stream: ChatStream, request: Request, stops: list[str], completion_id: str, created: int,

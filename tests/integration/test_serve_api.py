@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import subprocess
 import threading
 import time
 
@@ -193,3 +195,28 @@ def test_full_queue_answers_429_and_disconnected_clients_free_their_slots(server
     assert service.admitted == 0
     ok = httpx.post(f"{base}/v1/chat/completions", json={**payload, "stream": False, "max_tokens": 2}, timeout=60)
     assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("route, payload", [("/", {"prompt": "3 加 4 等于几？", "history": [], "temperature": 0}),
+                                            ("/v1/chat/completions",
+                                             {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0})])
+def test_json_sent_as_curl_sends_it_without_a_content_type_is_answered_as_json(loaded, route, payload):
+    """`curl URL -d '{...}'` (the README's commands) labels the body application/x-www-form-urlencoded."""
+    client = make_client(loaded)
+    as_json = client.post(route, json=payload).json()
+    response = client.post(route, content=json.dumps(payload).encode(),
+                           headers={"content-type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 200, response.text
+    key = "response" if route == "/" else "choices"
+    assert response.json()[key] == as_json[key]
+    not_json = client.post(route, content=b"prompt=hi", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert 400 <= not_json.status_code < 500
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_the_readmes_curl_command_works(server):
+    url, _ = server
+    done = subprocess.run(["curl", "-s", f"{url}/", "-d", '{"prompt": "3 加 4 等于几？", "history": [], "temperature": 0}'],
+                          capture_output=True, text=True, timeout=60)
+    body = json.loads(done.stdout)
+    assert body["status"] == 200 and body["history"][0][0] == "3 加 4 等于几？"
