@@ -441,7 +441,27 @@ class ExportConfig:
     device: Device = Device.cpu  # where the checkpoint is consolidated
 
 
-APP_SCHEMAS = {"infer": InferConfig, "serve": ServeConfig, "demo": DemoConfig, "export": ExportConfig}
+@dataclass
+class EvaluateConfig:
+    """python -m llama2_sft.evaluate ckpt=PATH tasks=ceval-valid,cmmlu,mmlu [num_fewshot=5] [limit=100] [out=DIR]"""
+
+    ckpt: str = MISSING  # as infer.py: a run, a checkpoint of any strategy, a LoRA run, or an HF dir / hub id
+    tasks: Any = "embedded_heldout,embedded_choice"  # lm-eval task or group names: a comma-separated string or a list
+    num_fewshot: Optional[int] = None  # null = each task's own default
+    limit: Optional[float] = None  # documents per task (< 1: a fraction); null = all
+    batch_size: int = 8
+    chat_template: bool = True  # true: prompts built by encode_dialog (llama-2-chat); false: plain text, as lm-eval's hf
+    system: Optional[str] = "default"  # chat_template=true: default (training's), meta, none, or text
+    include_path: Optional[str] = None  # a folder of your own task YAMLs (the bundled data/eval_tasks always is)
+    out: Optional[str] = None  # results folder; null = <ckpt>/eval (a run or checkpoint) or ./eval_results
+    seed: int = 1234
+    base: Optional[str] = None  # a LoRA / QLoRA run's base model; null = the one it was trained from (trainer_state.json)
+    device: Device = Device.auto
+    dtype: Dtype = Dtype.auto
+
+
+APP_SCHEMAS = {"infer": InferConfig, "serve": ServeConfig, "demo": DemoConfig, "export": ExportConfig,
+               "evaluate": EvaluateConfig}
 
 
 def register_app_configs() -> None:
@@ -451,7 +471,7 @@ def register_app_configs() -> None:
         store.store(name=f"{app}_schema", node=schema)
 
 
-FREE_TEXT_KEYS = {"infer": ("prompt", "system"), "serve": ("system",), "demo": ("system",)}
+FREE_TEXT_KEYS = {"infer": ("prompt", "system"), "serve": ("system",), "demo": ("system",), "evaluate": ("system", "tasks")}
 
 
 def free_text_argv(argv: list[str], keys: tuple[str, ...]) -> list[str]:

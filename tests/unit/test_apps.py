@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 from llama2_sft.config import CONF_DIR, Device, Dtype, ExportDtype, ExportFormat, GgufQuant, register_app_configs
 from tests.conftest import REPO
 
-APPS = ("infer", "serve", "demo", "export")
+APPS = ("infer", "serve", "demo", "export", "evaluate")
 COMMANDS = {"infer": ["infer.py"], "serve": ["-m", "llama2_sft.serve"], "demo": ["-m", "llama2_sft.serve.demo"],
-            "export": ["-m", "llama2_sft.export"]}
+            "export": ["-m", "llama2_sft.export"], "evaluate": ["-m", "llama2_sft.evaluate"]}
 
 
 def compose_app(app: str, overrides=()):
@@ -149,7 +149,7 @@ def test_a_wholly_quoted_value_keeps_its_older_meaning():
     assert free_text_argv(["infer.py", 'prompt="a" or "b"'], ("prompt",)) == ["infer.py", "prompt='\"a\" or \"b\"'"]
 
 
-@pytest.mark.parametrize("app", ["infer", "serve", "demo"])
+@pytest.mark.parametrize("app", ["infer", "serve", "demo", "evaluate"])
 def test_free_text_through_the_real_command_line(app):
     """Unquoted Chinese, spaces, punctuation, `=`, quotes, `</s>` and an interpolation-looking `${...}`: the settings
     the app would run with (`--cfg job --resolve`) hold them as typed."""
