@@ -12,7 +12,8 @@ sdpa, no compile, `trainer.cross_entropy=logits`), then combine the fast ones:
 * `model.attn_implementation=flash_attention_2` (varlen kernels over packed rows; needs CUDA and `flash_attn`);
 * `model.checkpoint_policy=selective`, `model.checkpoint_every_n_layers=2`, `model.gradient_checkpointing=false`;
 * `model.compile=true` (inductor on CUDA, aot_eager on CPU);
-* `trainer.cross_entropy=fused` (the package default).
+* `trainer.cross_entropy=fused` (the package default);
+* `peft.method=lora` and `qlora` (the one-GPU recipes' methods; QLoRA loads a random-init base saved in bf16 first).
 
 Data: rows of `llama2_sft.data.synthetic` (shaped like instruction_merge_set), tokenized by the repo tokenizer and
 packed into rows of `--seq` tokens. The model's vocabulary is Llama-2's 32,000 whatever the tokenizer, so the LM
@@ -44,7 +45,8 @@ SHAPES = {  # model.arch of a random-init Llama; vocab None = the tokenizer's (1
              "num_key_value_heads": 4, "max_position_embeddings": 256, "vocab_size": None},
 }
 BASELINE = {"model.attn_implementation": "sdpa", "model.gradient_checkpointing": "true", "model.checkpoint_policy": "full",
-            "model.checkpoint_every_n_layers": "1", "model.compile": "false", "trainer.cross_entropy": "logits"}
+            "model.checkpoint_every_n_layers": "1", "model.compile": "false", "trainer.cross_entropy": "logits",
+            "peft.method": "none"}
 FLASH, SELECTIVE = {"model.attn_implementation": "flash_attention_2"}, {"model.checkpoint_policy": "selective"}
 COMPILE, FUSED = {"model.compile": "true"}, {"trainer.cross_entropy": "fused"}
 VARIANTS = {  # name -> what it changes from the baseline
@@ -57,6 +59,9 @@ VARIANTS = {  # name -> what it changes from the baseline
     "CE fused": FUSED,
     "combined sdpa": {**SELECTIVE, **COMPILE, **FUSED},
     "combined": {**FLASH, **SELECTIVE, **COMPILE, **FUSED},
+    # sft_7b_lora / sft_7b_qlora's methods (rank 8 on every decoder linear; QLoRA's base saved, then loaded in NF4)
+    "LoRA": {**FUSED, "peft.method": "lora"},
+    "QLoRA": {**FUSED, "peft.method": "qlora"},
 }
 QUICK = ("baseline", "flash-attn varlen", "selective AC", "CE fused", "combined")
 
@@ -73,9 +78,29 @@ def settings(variant: str) -> dict:
     return {**BASELINE, **VARIANTS[variant]}
 
 
+def save_base(shape: str, directory: Path) -> Path:
+    """A random-init Llama of `shape` saved in bf16 (QLoRA quantizes a saved checkpoint; LoRA and full fine-tuning
+    initialise the same shape in memory)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (directory / "config.json").exists():
+        return directory
+    arch = {key: value for key, value in SHAPES[shape].items() if value is not None}
+    arch.setdefault("vocab_size", 1024)  # the repo tokenizer's pieces
+    torch.manual_seed(0)
+    config = LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         **arch)
+    with torch.device("cpu"):
+        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
+    return directory
+
+
 def overrides(shape: str, variant: str, args: argparse.Namespace, data: Path) -> list[str]:
     """train.py overrides of one run: model shape, data, precision, then the variant's switches."""
     arch = [f"++model.arch.{key}={value}" for key, value in SHAPES[shape].items() if value is not None]
+    if settings(variant)["peft.method"] == "qlora":
+        arch = [f"model.name_or_path={save_base(shape, data / f'base-{shape}')}", "model.arch=null"]
     out = arch + [
         "dataset=jsonl", f"dataset.source={data / 'rows.jsonl'}", f"dataset.cache_dir={data / 'cache'}",
         "dataset.eval_fraction=0", "dataset.packing=true", f"dataset.max_length={args.seq}",
@@ -182,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             results[shape][name] = {"settings": settings(name), "note": reason}
     out = {"command": command_line("bench_gpu.py", argv), "machine": machine_info("torch", "transformers"),
            "args": vars(args), "results": results, "runs": runs, "runtime_s": time.time() - started}
-    header = ["shape", "variant", "attention", "AC", "compile", "CE", "step s", "tokens/s", "sup. tokens/s", "MFU",
+    header = ["shape", "variant", "peft", "attention", "AC", "compile", "CE", "step s", "tokens/s", "sup. tokens/s", "MFU",
               "peak GB", "loss first -> last", "note"]
     rows = []
     for shape, variants in results.items():
@@ -191,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             ac = "none" if s["model.gradient_checkpointing"] == "false" else s["model.checkpoint_policy"] + (
                 " every 2nd" if s["model.checkpoint_every_n_layers"] == "2" else "")
             loss = f"{e['loss_first']:.3f} -> {e['loss_last']:.3f}" if "loss_first" in e else ""
-            rows.append([shape, name, s["model.attn_implementation"], ac, "on" if s["model.compile"] == "true" else "off",
+            rows.append([shape, name, s["peft.method"], s["model.attn_implementation"], ac, "on" if s["model.compile"] == "true" else "off",
                          s["trainer.cross_entropy"], fmt(e.get("step_seconds"), ".3f"), fmt(e.get("tokens_per_s")),
                          fmt(e.get("supervised_per_s")), fmt(e.get("mfu"), ".1%"), fmt(e.get("peak_memory_gb"), ".1f"),
                          loss, e.get("note", "")])
