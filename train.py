@@ -81,9 +81,23 @@ def main(cfg: DictConfig) -> dict:
 
         if ctx.is_main:
             _report(summary)
-        return summary
     finally:
         destroy_distributed()
+    if ctx.is_main and list(cfg.trainer.eval_tasks) and not summary["stopped_early"]:
+        _benchmarks(cfg, summary["checkpoint"])  # after the process group is gone: no rank waits on this
+    return summary
+
+
+def _benchmarks(cfg: DictConfig, checkpoint: str) -> None:
+    """trainer.eval_tasks on the final checkpoint, as `python -m llama2_sft.evaluate ckpt=CHECKPOINT tasks=...` with
+    its defaults; results in output_dir/eval."""
+    from omegaconf import OmegaConf
+
+    from llama2_sft.config import EvaluateConfig
+    from llama2_sft.evaluate import evaluate_and_report
+
+    evaluate_and_report(OmegaConf.structured(EvaluateConfig(ckpt=checkpoint, tasks=list(cfg.trainer.eval_tasks),
+                                                            out=os.path.join(cfg.output_dir, "eval"))))
 
 
 def _local_dir(path: str) -> str | None:

@@ -127,6 +127,7 @@ class TrainerConfig:
     ce_chunk_size: int = 2048  # positions per chunk of the fused cross-entropy
     peak_tflops: Optional[float] = None  # one device's peak dense TFLOP/s for MFU; null = known GPUs (H100/H200 989)
     stop_after_steps: int = 0  # end this process after N more steps with a checkpoint (time-limited jobs); 0 = off
+    eval_tasks: list = field(default_factory=list)  # lm-eval tasks run on the final checkpoint (llama2_sft.evaluate)
 
 
 @dataclass
@@ -256,6 +257,9 @@ def validate(cfg: DictConfig) -> None:
     if "deepspeed" in str(cfg.strategy._target_).lower() and importlib.util.find_spec("deepspeed") is None:
         raise ValueError(f"strategy._target_={cfg.strategy._target_} needs DeepSpeed, which is not installed: "
                          "pip install 'llama2_sft[deepspeed]' or choose strategy=fsdp")
+    if list(cfg.trainer.eval_tasks) and importlib.util.find_spec("lm_eval") is None:
+        raise ValueError(f"trainer.eval_tasks={list(cfg.trainer.eval_tasks)} needs lm-evaluation-harness, which is not "
+                         "installed: pip install 'llama2_sft[eval]'")
 
 
 def validate_peft(cfg: DictConfig) -> None:

@@ -276,8 +276,8 @@ def evaluate(cfg: Any) -> dict:
     return results
 
 
-@hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def evaluate_and_report(cfg: Any) -> dict:
+    """evaluate(), then out/results.json + results.md, the table printed, and the figures to the run's W&B run."""
     results = evaluate(cfg)
     loaded = results.pop("_loaded")
     out = cfg.out or (os.path.join(loaded.source, "eval") if loaded.kind != "hf" else "eval_results")
@@ -285,6 +285,12 @@ def main(cfg: DictConfig) -> None:
     print(table, end="")
     print(f"results: {os.path.join(out, 'results.json')}")
     _log_to_wandb(loaded, results)
+    return results
+
+
+@hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    evaluate_and_report(cfg)
 
 
 if __name__ == "__main__":

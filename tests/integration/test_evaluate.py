@@ -5,6 +5,7 @@ that reach the model are encode_dialog's; bad task names and missing local data 
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -32,7 +33,7 @@ def run(tmp_path_factory, tiny_checkpoint):
     with open(os.path.join(REPO, "data", "train.jsonl"), encoding="utf-8") as handle:
         (workdir / "rows.jsonl").write_text("".join(next(handle) for _ in range(32)), encoding="utf-8")
     output_dir, _ = run_train(workdir, tiny_checkpoint, "run", ["trainer.max_steps=2", "trainer.save_steps=2",
-                                                                "optimizer.lr=1e-2"])
+                                                                "optimizer.lr=1e-2", "trainer.eval_tasks=[embedded_choice]"])
     return str(output_dir)
 
 
@@ -112,6 +113,13 @@ def test_chat_prompts_reach_the_model_as_encode_dialogs_ids(run, monkeypatch):
         context = generation_prompt(tokenizer, [system, {"role": "user", "content": question}])
         expected_pairs += [(context, letter) for letter in letters]
     assert sorted(seen["loglikelihood"]) == sorted(expected_pairs)
+
+
+def test_trainer_eval_tasks_give_the_numbers_of_the_evaluate_app_on_the_final_checkpoint(run):
+    with open(os.path.join(run, "eval", "results.json"), encoding="utf-8") as handle:
+        at_the_end_of_training = json.load(handle)
+    assert _numbers(at_the_end_of_training) == _numbers(_evaluate(run, "tasks=embedded_choice", "limit=null"))
+    assert at_the_end_of_training["results"]["embedded_choice"]["sample_len"] == 300
 
 
 def test_an_unknown_task_fails_listing_close_matches(run):
