@@ -111,6 +111,8 @@ def _report(summary: dict) -> None:
     if start is not None and end is not None:
         print(f"eval loss {start:.4f} -> {end:.4f}")
     print(f"held-out task accuracy (greedy, exact match): {accuracy}")
+    for task, entry in (summary.get("accuracy_per_task") or {}).items():
+        print(f"  {task:<12} {entry['accuracy']:6.1%}  ({entry['correct']}/{entry['count']})")
     for sample in summary["samples"]:
         print(f"  reference {sample['reference']!r}  generated {sample['generated']!r}")
     print(f"checkpoint: {summary['checkpoint']}")

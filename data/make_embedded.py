@@ -464,7 +464,7 @@ def make_row(rng: random.Random, first_task: str) -> tuple[dict, list[str]]:
         assert answer == answer.strip() and answer, (prompt, answer)
         conversations.append({"from": "human", "value": prompt})
         conversations.append({"from": "gpt", "value": answer})
-    return {"conversations": conversations, "instruction": instruction}, self_contained
+    return {"conversations": conversations, "instruction": instruction, "task": task}, self_contained
 
 
 def _row_key(row: dict) -> str:

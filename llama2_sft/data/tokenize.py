@@ -26,7 +26,7 @@ from llama2_sft.data.truncation import truncate
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the cached columns change
+CACHE_FORMAT = 2  # bump when the cached columns change (2: + task)
 EXAMPLE_IDS_PER_REASON = 5
 
 
@@ -91,6 +91,7 @@ def _features():
             "length": datasets.Value("int32"),
             "num_supervised": datasets.Value("int32"),
             "status": datasets.Value("string"),
+            "task": datasets.Value("string"),  # the row's optional `task` label ("" without one): accuracy per task
         }
     )
 
@@ -102,7 +103,8 @@ def encode_rows(batch: dict, tokenizer: Any, system_prompt: str | None, max_leng
     rows = [{key: batch[key][i] for key in keys} for i in range(size)]
     ids = [str(row["id"]) if row.get("id") is not None else f"#{i}" for i, row in enumerate(rows)]
     out = {"id": ids, "input_ids": [[]] * size, "labels": [[]] * size, "length": [0] * size,
-           "num_supervised": [0] * size, "status": [""] * size}
+           "num_supervised": [0] * size, "status": [""] * size,
+           "task": [str(row.get("task") or "") for row in rows]}
 
     gc_was_enabled = gc.isenabled()
     gc.disable()  # millions of small lists, no cycles: the collector would only burn time (~12% of a build)

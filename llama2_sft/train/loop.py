@@ -24,7 +24,7 @@ from llama2_sft.strategy.base import Strategy
 from llama2_sft.train.checkpointer import Checkpointer
 from llama2_sft.train.metrics import MetricsWriter, ModelShape, peak_flops
 from llama2_sft.train.step import StepResult, train_step
-from llama2_sft.train.validator import Validator
+from llama2_sft.train.validator import Validator, accuracy_per_task
 
 log = logging.getLogger(__name__)
 
@@ -144,5 +144,6 @@ class Trainer:
             self._draw_curves()
         return {"steps": self.step, "seconds": time.time() - started, "eval_loss_start": self.validator.first_loss,
                 "eval_loss_end": self.validator.last_loss, "accuracy": accuracy, "checkpoint": checkpoint,
+                "accuracy_per_task": accuracy_per_task(answers),
                 "samples": answers[:3], "resumed_from": self.resumed_from, "tokens_seen": self.tokens_seen,
                 "stopped_early": not finished}

@@ -57,7 +57,11 @@ class Validator:
         self.last_loss = self.evaluate()
         answers = self.sample_answers(self.accuracy_samples)
         accuracy = sum(a["generated"] == a["reference"] for a in answers) / len(answers) if answers else None
-        self.metrics.log({"step": step, "eval_loss": self.last_loss, "eval_accuracy": accuracy})
+        per_task = accuracy_per_task(answers)
+        record = {"step": step, "eval_loss": self.last_loss, "eval_accuracy": accuracy}
+        if per_task:
+            record["eval_accuracy_per_task"] = per_task
+        self.metrics.log(record)
         self.metrics.log_generations(step, answers[: self.generate_samples])
         return accuracy, answers
 
@@ -96,7 +100,22 @@ class Validator:
                                         eos_id=self.tokenizer.eos_token_id, sampling=sampling, device=self.ctx.device,
                                         synced_ranks=self.ctx.distributed)
         decode = self.tokenizer.decode
+        tasks = rows["task"] if "task" in rows.column_names else [""] * len(rows)
         return [
-            {"prompt": decode(prompt[-200:]), "reference": decode(reference).strip(), "generated": decode(output).strip()}
-            for (prompt, reference), output in zip(split, outputs)
+            {"prompt": decode(prompt[-200:]), "reference": decode(reference).strip(), "generated": decode(output).strip(),
+             "task": task}
+            for (prompt, reference), output, task in zip(split, outputs, tasks)
         ]
+
+
+def accuracy_per_task(answers: list[dict]) -> dict[str, dict]:
+    """{task: {"accuracy", "correct", "count"}} over answers labelled with a task (rows with a `task` field)."""
+    out: dict[str, dict] = {}
+    for answer in answers:
+        if answer.get("task"):
+            entry = out.setdefault(answer["task"], {"correct": 0, "count": 0})
+            entry["correct"] += int(answer["generated"] == answer["reference"])
+            entry["count"] += 1
+    for entry in out.values():
+        entry["accuracy"] = entry["correct"] / entry["count"]
+    return dict(sorted(out.items()))

@@ -77,7 +77,9 @@ def test_rows_follow_sharegpt_schema_and_alternate_roles(train_rows, eval_rows) 
     ids = [row["id"] for row in train_rows + eval_rows]
     assert len(set(ids)) == len(ids)
     for row in train_rows + eval_rows:
-        assert set(row) == {"id", "conversations", "instruction"}, row
+        assert set(row) == {"id", "conversations", "instruction", "task"}, row  # task: its last turn's, for reports
+        assert row["task"] in {"reverse", "upper", "repeat", "next_num", "prev_num", "next_letter", "prev_letter",
+                               "kth_item", "sort_digits", "add", "compare", "max_of_two"}, row["id"]
         assert isinstance(row["id"], str) and row["id"]
         assert isinstance(row["instruction"], str)
         assert row["instruction"] == row["instruction"].strip()

@@ -98,3 +98,27 @@ def test_an_unpublished_cache_directory_is_never_read(tmp_path, write_jsonl, hf_
     os.makedirs(tmp_path / "c" / f"{key}.tmp-999")  # a build that crashed half-way
     prepared = prepare_dataset(cfg, hf_tokenizer, tokenizer_dir)
     assert prepared.path.endswith(key) and len(prepared.train) == 3
+
+
+def test_a_rows_task_label_travels_with_its_sample_and_rows_without_one_get_none(tmp_path, write_jsonl, hf_tokenizer,
+                                                                                  tokenizer_dir):
+    labelled = [dict(row, task=f"task{i % 3}") if i % 2 else row for i, row in enumerate(rows())]
+    prepared = prepare_dataset(dataset_cfg(write_jsonl(labelled), tmp_path / "c", eval_fraction=0.25), hf_tokenizer,
+                               tokenizer_dir)
+    expected = {row["id"]: row.get("task", "") for row in labelled}
+    for split in (prepared.train, prepared.eval):
+        assert len(split) and split["task"] == [expected[row_id] for row_id in split["id"]]
+
+
+def test_accuracy_per_task_adds_up_to_the_overall_accuracy():
+    from llama2_sft.train.validator import accuracy_per_task
+
+    answers = [{"task": "ab"[i % 2] if i % 5 else "", "reference": str(i % 3), "generated": str(i % 4)}
+               for i in range(40)]
+    per_task = accuracy_per_task(answers)
+    labelled = [a for a in answers if a["task"]]
+    assert sum(entry["count"] for entry in per_task.values()) == len(labelled)
+    overall = sum(a["generated"] == a["reference"] for a in labelled) / len(labelled)
+    assert sum(entry["correct"] for entry in per_task.values()) / len(labelled) == overall
+    assert list(per_task) == ["a", "b"]
+    assert all(entry["accuracy"] == entry["correct"] / entry["count"] for entry in per_task.values())
