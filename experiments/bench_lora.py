@@ -340,13 +340,13 @@ def step_times(base: Path, work: Path, args: argparse.Namespace) -> dict:
 
 
 def plot(plt, out: dict):
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
     cases = out["memory"]
-    labels = [f"{c['shape']} {c['precision']}\n{c['method']}" for c in cases]
+    labels = [f"{c['shape']} {c['precision']} {c['method']}" for c in cases]
     xs = list(range(len(cases)))
     left.bar([x - 0.2 for x in xs], [c["measured"]["peak_bytes"] / 2**20 for c in cases], 0.4, label="measured (CPU)")
     left.bar([x + 0.2 for x in xs], [c["model_peak_bytes"] / 2**20 for c in cases], 0.4, label="memory_model.py")
-    left.set_xticks(xs, labels, fontsize=6)
+    left.set_xticks(xs, labels, fontsize=7, rotation=40, ha="right")
     left.set_ylabel("peak step memory (MiB, log)")
     left.set_yscale("log")
     left.legend()
@@ -355,6 +355,7 @@ def plot(plt, out: dict):
     right.barh(names, [out["recipes_7b"][n]["peak_gib"] for n in names])
     right.set_xlabel("GiB per GPU (computed)")
     right.set_title("7B recipes, micro-batch 4 x 4096 tokens")
+    fig.tight_layout()
     return fig
 
 
