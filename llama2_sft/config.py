@@ -464,8 +464,37 @@ class EvaluateConfig:
     dtype: Dtype = Dtype.auto
 
 
+class Normalization(Choice):
+    """SentencePiece's normalization rule for training the Chinese model (the merged model keeps the base's)."""
+
+    nfkc = "nfkc"
+    nmt_nfkc = "nmt_nfkc"
+    nfkc_cf = "nfkc_cf"
+    nmt_nfkc_cf = "nmt_nfkc_cf"
+    identity = "identity"
+
+
+@dataclass
+class VocabConfig:
+    """python -m llama2_sft.vocab base=DIR corpus=[FILE_OR_GLOB,...] vocab_size=N out=DIR"""
+
+    base: str = MISSING  # a tokenizer or model dir holding the SentencePiece tokenizer.model to extend (Llama-2's)
+    corpus: Any = MISSING  # files, globs or folders: .txt lines; .jsonl/.json/.parquet rows with `text` or chat rows
+    out: str = MISSING  # the extended tokenizer dir (tokenizer.model + Hugging Face files) and report.json
+    vocab_size: int = 20000  # pieces of the Chinese SentencePiece model (Chinese-LLaMA's 20,000)
+    character_coverage: float = 0.9995  # of the corpus's characters; the rarest rest stay byte pieces
+    normalization: Normalization = Normalization.nfkc
+    heldout_fraction: float = 0.05  # of the corpus lines, kept out of training for the tokens-per-character report
+    pad_to_multiple_of: int = 64  # pad the vocabulary with pieces encoding never emits; 0 or 1 = no padding
+    english: Any = None  # English text files for the report (rows without Chinese); null = data/eval.jsonl
+    drop_unreachable: bool = True  # drop new pieces that BPE can never emit (else keep and report them)
+    input_sentence_size: int = 0  # corpus lines the trainer samples; 0 = all
+    num_threads: int = 8  # trainer threads; the trained pieces depend on it
+    seed: int = 0
+
+
 APP_SCHEMAS = {"infer": InferConfig, "serve": ServeConfig, "demo": DemoConfig, "export": ExportConfig,
-               "evaluate": EvaluateConfig}
+               "evaluate": EvaluateConfig, "vocab": VocabConfig}
 
 
 def register_app_configs() -> None:
