@@ -361,6 +361,11 @@ def base_hf_tokenizer(directory: str, base: Any) -> dict:
     if model.get("type") != "BPE":
         raise ValueError(f"base={directory}: its Hugging Face tokenizer is not BPE ({model.get('type')})")
     vocab = model["vocab"]
+    beyond = sorted((token["id"], token["content"]) for token in data.get("added_tokens", [])
+                    if token["id"] >= len(base.pieces))
+    if beyond:  # e.g. a "<pad>" added at id 32000 by a fine-tuning recipe: the first new piece would take its id
+        raise ValueError(f"base={directory}: its Hugging Face tokenizer adds tokens beyond {SPM_FILE}'s "
+                         f"{len(base.pieces):,} pieces ({beyond[:4]}); new pieces would take their ids")
     for index, piece in enumerate(base.pieces):
         if vocab.get(piece.piece) != index:
             raise ValueError(f"base={directory}: its Hugging Face tokenizer disagrees with {SPM_FILE} at id {index} "
@@ -412,14 +417,14 @@ def write_tokenizer_dir(out: str, base_dir: str, proto: Any, tokenizer_json: dic
     config.setdefault("tokenizer_class", "LlamaTokenizer")
     if "vocab_size" in config:
         config["vocab_size"] = len(proto.pieces)
-    contents = {SPM_FILE: proto.SerializeToString(),
-                "tokenizer.json": json.dumps(tokenizer_json, ensure_ascii=False),
-                "tokenizer_config.json": json.dumps(config, ensure_ascii=False, indent=2, sort_keys=True) + "\n",
-                "special_tokens_map.json": json.dumps(special, ensure_ascii=False, indent=2, sort_keys=True) + "\n"}
-    for name, content in contents.items():
+    def json_bytes(content: dict, indent: int | None = 2) -> bytes:
+        return (json.dumps(content, ensure_ascii=False, indent=indent, sort_keys=indent is not None) + "\n").encode()
+
+    contents = {SPM_FILE: proto.SerializeToString(), "tokenizer.json": json_bytes(tokenizer_json, indent=None),
+                "tokenizer_config.json": json_bytes(config), "special_tokens_map.json": json_bytes(special)}
+    for name, content in contents.items():  # each file whole or not at all
         path = os.path.join(out, name)
-        with open(path + ".tmp", "wb" if isinstance(content, bytes) else "w",
-                  **({} if isinstance(content, bytes) else {"encoding": "utf-8"})) as handle:
+        with open(path + ".tmp", "wb") as handle:
             handle.write(content)
         os.replace(path + ".tmp", path)
     return list(contents)
@@ -468,6 +473,7 @@ def build_vocabulary(cfg: Any) -> dict:
     import sentencepiece as spm
 
     base_dir, base = load_base(cfg.base)
+    base_json = base_hf_tokenizer(base_dir, base)  # before training: a base it refuses fails at once
     out = os.path.abspath(os.path.expanduser(str(cfg.out)))
     if os.path.abspath(base_dir) == out:
         raise ValueError(f"out={cfg.out}: the base directory itself; write the extended tokenizer elsewhere")
@@ -502,7 +508,7 @@ def build_vocabulary(cfg: Any) -> dict:
     assert [(p.piece, p.score, p.type) for p in merged.pieces[:base_size]] == [
         (p.piece, p.score, p.type) for p in base.pieces]
 
-    tokenizer_json = merged_hf_tokenizer(base_hf_tokenizer(base_dir, base), merged, base_size)
+    tokenizer_json = merged_hf_tokenizer(base_json, merged, base_size)
     written = write_tokenizer_dir(out, base_dir, merged, tokenizer_json)
 
     base_sp = spm.SentencePieceProcessor(model_proto=base.SerializeToString())
@@ -511,7 +517,8 @@ def build_vocabulary(cfg: Any) -> dict:
     report = {
         "base": base_dir, "out": out, "corpus_files": files, "corpus_lines": len(lines),
         "base_pieces": base_size, "vocab_size": len(merged.pieces), "added_pieces": added, "padding_pieces": padding,
-        "chinese_model": {**asdict(selection), "pieces": None, "vocab_size": cfg.vocab_size},
+        "chinese_model": {"vocab_size": cfg.vocab_size,
+                          **{key: value for key, value in asdict(selection).items() if key != "pieces"}},
         "dropped_unreachable": len(unreachable) if cfg.drop_unreachable else 0,
         "unreachable": still_unreachable, "examples_dropped": unreachable[:10] if cfg.drop_unreachable else [],
         "heldout": compare_encodings(base_sp, merged_sp, heldout),
@@ -519,7 +526,6 @@ def build_vocabulary(cfg: Any) -> dict:
         "hf_matches_sentencepiece": compare_hf(out, merged_sp, heldout[:HF_CHECK_TEXTS] + english[:HF_CHECK_TEXTS]),
         "files": written,
     }
-    report["chinese_model"].pop("pieces")
     with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as handle:
         json.dump(report, handle, ensure_ascii=False, indent=1)
     return report

@@ -193,6 +193,20 @@ def test_hugging_face_tokenizer_gives_sentencepiece_ids(merged):
     assert merged["report"]["hf_matches_sentencepiece"]["differ"] == 0
 
 
+def test_without_its_tokenizer_json_transformers_would_merge_the_new_pieces_last(merged, tmp_path):
+    from transformers import AutoTokenizer
+
+    # transformers 5 converts a bare tokenizer.model ordering merges by piece id, ignoring scores: the new pieces'
+    # merges would come after every base merge. The app's tokenizer.json ranks them as SentencePiece's scores do.
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(merged["out"] / name, tmp_path / name)
+    converted = AutoTokenizer.from_pretrained(tmp_path)
+    sp = processor(merged["model"])
+    texts = chinese_sentences(100, seed=3)
+    got = converted(texts, add_special_tokens=False)["input_ids"]
+    assert any(ids != sp.encode(text) for text, ids in zip(texts, got))  # 2 of these 100 on the bundled base
+
+
 # ---------------------------------------------------------------------------------------------------- the app
 def test_command_line_writes_the_same_tokenizer_directory(merged, tokenizer_dir, corpus, tmp_path):
     out = tmp_path / "tok"
@@ -220,6 +234,17 @@ def test_base_without_a_sentencepiece_model_fails_naming_it(tmp_path, corpus):
                              f"out={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "no SentencePiece model" in result.stderr and str(base) in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_base_whose_hf_tokenizer_adds_tokens_beyond_its_model_fails_naming_them(tmp_path, tokenizer_dir, corpus):
+    base = tmp_path / "padded_base"
+    shutil.copytree(tokenizer_dir, base)
+    config = json.loads((base / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["added_tokens_decoder"]["1024"] = {**config["added_tokens_decoder"]["0"], "content": "<pad>"}
+    config["pad_token"] = "<pad>"
+    (base / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"adds tokens beyond tokenizer.model's 1,024 pieces \(\[\(1024, '<pad>'\)\]\)"):
+        build_vocabulary(vocab_config(base=str(base), corpus=corpus, out=str(tmp_path / "out")))
 
 
 def test_empty_corpus_fails_naming_it(tmp_path, tokenizer_dir):
