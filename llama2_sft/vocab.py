@@ -164,7 +164,7 @@ def _model_proto():
 
 
 def load_base(base: str) -> tuple[str, Any]:
-    """(directory, ModelProto) of `base=`: a tokenizer or model directory holding a SentencePiece BPE tokenizer.model."""
+    """(directory, ModelProto) of `base=`: a tokenizer or model dir holding a SentencePiece BPE tokenizer.model."""
     import sentencepiece as spm
 
     directory = os.path.expanduser(str(base))
@@ -338,7 +338,8 @@ def base_hf_files(directory: str, size: int) -> tuple[dict, dict]:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
 
-    return read("tokenizer_config.json", _tokenizer_config(size)), read("special_tokens_map.json", _special_tokens_map())
+    config = read("tokenizer_config.json", _tokenizer_config(size))
+    return config, read("special_tokens_map.json", _special_tokens_map())
 
 
 def base_hf_tokenizer(directory: str, base: Any) -> dict:
@@ -489,6 +490,7 @@ def build_vocabulary(cfg: Any) -> dict:
     if not any(has_chinese(line) for line in lines):
         raise ValueError(f"corpus={corpus}: no line holds a Chinese character ({len(lines):,} lines); nothing to "
                          f"train a Chinese vocabulary on")
+    english = english_texts(cfg.english)  # read before training: a wrong path fails at once
     train, heldout = split_heldout(lines, cfg.heldout_fraction, cfg.seed)
     if not train:
         raise ValueError(f"corpus={corpus}: every line was held out (heldout_fraction={cfg.heldout_fraction})")
@@ -513,7 +515,6 @@ def build_vocabulary(cfg: Any) -> dict:
 
     base_sp = spm.SentencePieceProcessor(model_proto=base.SerializeToString())
     merged_sp = spm.SentencePieceProcessor(model_proto=merged.SerializeToString())
-    english = english_texts(cfg.english)
     report = {
         "base": base_dir, "out": out, "corpus_files": files, "corpus_lines": len(lines),
         "base_pieces": base_size, "vocab_size": len(merged.pieces), "added_pieces": added, "padding_pieces": padding,
