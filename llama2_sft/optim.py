@@ -13,13 +13,16 @@ FUSED_DEVICE_TYPES = ("cuda", "cpu", "xpu", "mps", "hpu")  # torch's fused AdamW
 
 
 def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float, no_decay: Sequence[str]) -> list[dict]:
-    """Split parameters into decayed and not decayed (names containing any of `no_decay`, and all 1-D tensors)."""
+    """Split parameters into decayed and not decayed (names containing any of `no_decay`, and all 1-D tensors).
+
+    The shape is the parameter's full one: under ZeRO-3 (`zero.Init`) every local tensor is an empty 1-D
+    placeholder, and reading its `ndim` would exempt every weight from decay."""
     decay, keep = [], []
     for name, param in named_params:
         if not param.requires_grad:
             continue
         lowered = name.lower()
-        if param.ndim < 2 or any(pattern in lowered for pattern in no_decay):
+        if len(getattr(param, "ds_shape", param.shape)) < 2 or any(pattern in lowered for pattern in no_decay):
             keep.append(param)
         else:
             decay.append(param)

@@ -98,6 +98,14 @@ def test_norms_and_biases_are_excluded_from_weight_decay():
     assert build_adamw(model.named_parameters(), fused=False).defaults["foreach"] is True
 
 
+def test_weight_decay_groups_read_the_full_shape_of_a_zero3_partitioned_parameter():
+    """Under ZeRO-3 a weight's local tensor is an empty 1-D placeholder; its full shape is `ds_shape`."""
+    weight, norm = torch.nn.Parameter(torch.empty(0)), torch.nn.Parameter(torch.empty(0))
+    weight.ds_shape, norm.ds_shape = torch.Size([4, 4]), torch.Size([4])
+    groups = param_groups([("proj.weight", weight), ("scale", norm)], 0.1, ("bias", "norm"))
+    assert [[id(p) for p in g["params"]] for g in groups] == [[id(weight)], [id(norm)]]
+
+
 def test_a_failing_checkpoint_write_keeps_the_previous_checkpoint_and_says_so(tmp_path):
     from llama2_sft.distributed import DistContext
     from llama2_sft.train.checkpointer import Checkpointer
