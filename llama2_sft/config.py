@@ -321,10 +321,34 @@ def preflight(cfg: DictConfig, device: Any) -> None:
             positions = AutoConfig.from_pretrained(path, revision=cfg.model.revision).max_position_embeddings
         except Exception as error:  # noqa: BLE001 - the message names the key and the cause
             raise ValueError(f"model.name_or_path={cfg.model.name_or_path!r}: cannot read its config: {error}") from error
+        check_growth(cfg)
     else:
         positions = cfg.model.arch.get("max_position_embeddings", 2048)
     if cfg.dataset.max_length > positions:
         raise ValueError(f"dataset.max_length={cfg.dataset.max_length} exceeds the model's max_position_embeddings={positions}")
+
+
+def check_growth(cfg: DictConfig) -> None:
+    """model.tokenizer against the checkpoint's own tokenizer (llama2_sft.grow.vocab_plan), and the combinations a
+    growing vocabulary cannot run in, named before any weights load."""
+    from llama2_sft.grow import vocab_plan
+
+    plan = vocab_plan(cfg.model)
+    if plan is None or not plan.grows:
+        return
+    grows = (f"model.tokenizer={cfg.model.tokenizer} has {plan.size} pieces, more than the {plan.embeddings} "
+             f"embeddings of model.name_or_path={cfg.model.name_or_path}: the model grows")
+    if cfg.peft.method != "none":
+        missing = [name for name in ("embed_tokens", "lm_head") if name not in list(cfg.peft.modules_to_save)]
+        if missing:
+            raise ValueError(f"{grows}, and its new rows must be trained fully: add {missing} to "
+                             f"peft.modules_to_save (e.g. peft.modules_to_save=[embed_tokens,lm_head])")
+    target = str(cfg.strategy._target_)
+    if "DeepSpeed" in target and int(OmegaConf.select(cfg, "strategy.stage", default=3)) == 3:
+        raise ValueError(f"{grows}, which strategy._target_={target} with strategy.stage=3 cannot do: ZeRO-3 builds "
+                         "the model already partitioned (zero.Init), and growing its embeddings would need them "
+                         "whole on every rank; use strategy=fsdp (rank 0 alone grows the full model, the others "
+                         "receive their shards) or strategy=deepspeed_zero2")
 
 
 def _is_within(output_dir: str, base: str) -> bool:

@@ -80,6 +80,7 @@ def build_model(model_cfg: Any, tokenizer: Any, precision: str, device: torch.de
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     from llama2_sft.adapters import apply_adapters, keep_4bit_weights_differentiable, quantization_config, uses_adapters
+    from llama2_sft.grow import grow_if_planned, vocab_plan
 
     adapters = uses_adapters(peft_cfg)
     dtype = DTYPES[compute_precision or precision] if adapters else DTYPES[precision]
@@ -101,6 +102,7 @@ def build_model(model_cfg: Any, tokenizer: Any, precision: str, device: torch.de
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = LlamaForCausalLM(config).to(dtype)
+    grow_if_planned(model, vocab_plan(model_cfg))  # an extended model.tokenizer: new rows (llama2_sft.grow)
     model.config.use_cache = False
     if quantization is None:
         model = model.to(device)
@@ -133,10 +135,14 @@ def build_meta_model(model_cfg: Any, tokenizer: Any, precision: str, peft_cfg: A
     from transformers import AutoModelForCausalLM
 
     from llama2_sft.adapters import apply_adapters, uses_adapters
+    from llama2_sft.grow import vocab_plan
 
     adapters = uses_adapters(peft_cfg)
     dtype = DTYPES[compute_precision or precision] if adapters else DTYPES[precision]
     config = model_config(model_cfg, tokenizer, dtype)
+    plan = vocab_plan(model_cfg)
+    if plan is not None and plan.grows:  # the shape rank 0's grown model has (build_model)
+        config.vocab_size = plan.size
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
         if adapters:

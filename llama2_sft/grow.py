@@ -1,0 +1,217 @@
+"""Growing a checkpoint to an extended vocabulary (issue 13 §2), and the check that a tokenizer belongs to its model.
+
+`python -m llama2_sft.vocab` appends pieces to a base SentencePiece model (ids 0..N-1 unchanged). Training with
+`model.tokenizer=<that dir>` on a checkpoint whose embeddings have fewer rows grows the model at load: new rows of
+`embed_tokens` and `lm_head`, each the mean of the base rows of the pieces the BASE tokenizer splits the new piece's
+text into (byte pieces included); old rows are untouched and `config.vocab_size` follows.
+
+`vocab_plan` decides, before any weights load (config.preflight), whether `model.tokenizer` fits the checkpoint:
+- the checkpoint has a tokenizer.model of its own (a Hugging Face dir, or a run's checkpoint dir): the first pieces of
+  `model.tokenizer` must be its pieces at the same ids, else the run stops naming both tokenizers and the first id
+  that differs (a tokenizer with fewer pieces differs at its length);
+- it has none: any tokenizer not larger than the embeddings is taken as it is; a larger one cannot be grown (there is
+  no base tokenizer to split the new pieces with) and fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+SPM_FILE = "tokenizer.model"
+# sentencepiece_model.proto: ModelProto.SentencePiece.Type
+NORMAL, USER_DEFINED, UNUSED = 1, 4, 5
+log = logging.getLogger(__name__)
+
+
+def _proto(model_file: str):
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(model_file, "rb") as handle:
+        proto.ParseFromString(handle.read())
+    return proto
+
+
+def base_splits(base_sp_model_file: str, new_sp_model_file: str) -> dict[int, list[int] | None]:
+    """For each id the new model adds beyond the base's pieces: the base ids its text splits into, or None for a
+    piece without text (UNUSED padding, control pieces). The text is the piece with "▁" as a space, encoded by the
+    base without a dummy prefix or whitespace cleanup, so the split covers exactly the piece's characters (a
+    character the base lacks comes out as its UTF-8 byte pieces with byte fallback, or as <unk> without)."""
+    import sentencepiece as spm
+
+    base, new = _proto(base_sp_model_file), _proto(new_sp_model_file)
+    first = first_difference(base, new)
+    if first is not None and first < len(base.pieces):
+        raise ValueError(f"{new_sp_model_file} is no extension of {base_sp_model_file}: the pieces differ at id {first}")
+    base.normalizer_spec.add_dummy_prefix = False
+    base.normalizer_spec.remove_extra_whitespaces = False
+    processor = spm.SentencePieceProcessor(model_proto=base.SerializeToString())
+    splits: dict[int, list[int] | None] = {}
+    for index in range(len(base.pieces), len(new.pieces)):
+        piece = new.pieces[index]
+        ids = processor.encode(piece.piece.replace("\u2581", " ")) if piece.type in (NORMAL, USER_DEFINED) else []
+        splits[index] = list(ids) or None
+    return splits
+
+
+def first_difference(own: Any, other: Any) -> int | None:
+    """The first id at which `other` does not hold `own`'s piece (its length when it ends first), or None."""
+    for index, piece in enumerate(own.pieces):
+        if index >= len(other.pieces):
+            return index
+        if other.pieces[index].piece != piece.piece or other.pieces[index].type != piece.type:
+            return index
+    return None
+
+
+def grown_rows(weight: torch.Tensor, splits: dict[int, list[int] | None], size: int, keep: int) -> torch.Tensor:
+    """`weight` (rows = ids) grown to `size` rows: rows < keep as they are (bit-identical); each id in `splits`
+    the mean of the base rows of its split, computed in fp32. An id without text (None) gets the mean of all `keep`
+    base rows, in the embedding and in the head alike: as an input it is an average token, and as an output its logit
+    is the mean of the base logits, which (Jensen) is at most logsumexp - log(keep): each such piece starts with at
+    most 1/keep of the probability mass, however the logits are spread (a zero row has no such bound: logit 0 can
+    beat most of a vocabulary). Encoding never emits these pieces, so training only pushes them further down."""
+    grown = torch.empty((size, weight.shape[1]), dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        grown[:keep] = weight[:keep]
+        base = weight[:keep].float()
+        overall = base.mean(0)
+        for index in range(keep, size):
+            ids = splits.get(index)
+            grown[index] = (base[ids].mean(0) if ids else overall).to(weight.dtype)
+    return grown
+
+
+def grow_model(model: torch.nn.Module, base_sp_model_file: str, new_sp_model_file: str) -> torch.nn.Module:
+    """Grow `model` (a transformers causal LM whose embeddings have a row per base piece, or more) in place to the
+    pieces of `new_sp_model_file`, which extends `base_sp_model_file`. Rows of the base's pieces stay bit-identical;
+    rows of ids from the base's size on (new pieces, and any placeholder rows the checkpoint had beyond its
+    tokenizer) are initialised from `base_splits`. Returns the model."""
+    size = len(_proto(new_sp_model_file).pieces)
+    keep = len(_proto(base_sp_model_file).pieces)
+    embed = model.get_input_embeddings()
+    rows = embed.weight.shape[0]
+    if size <= rows:
+        return model
+    if keep > rows:
+        raise ValueError(f"{base_sp_model_file} has {keep} pieces but the model's embeddings only {rows} rows")
+    splits = base_splits(base_sp_model_file, new_sp_model_file)
+    requires_grad = embed.weight.requires_grad
+    new_embed = torch.nn.Embedding(size, embed.weight.shape[1], padding_idx=embed.padding_idx,
+                                   device="meta", dtype=embed.weight.dtype)
+    new_embed.weight = torch.nn.Parameter(grown_rows(embed.weight, splits, size, keep), requires_grad=requires_grad)
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    model.set_input_embeddings(new_embed)
+    if head is not None:
+        if tied:
+            head.weight = new_embed.weight
+        else:
+            new_head = torch.nn.Linear(head.in_features, size, bias=False, device="meta", dtype=head.weight.dtype)
+            new_head.weight = torch.nn.Parameter(grown_rows(head.weight, splits, size, keep),
+                                                 requires_grad=head.weight.requires_grad)
+            if head.bias is not None:
+                raise ValueError("grow_model: an LM head with a bias is not supported")
+            model.set_output_embeddings(new_head)
+    config = model.config
+    getattr(config, "text_config", config).vocab_size = size
+    config.vocab_size = size
+    if hasattr(model, "vocab_size"):
+        model.vocab_size = size
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------- the check
+@dataclass
+class VocabPlan:
+    """What `model.tokenizer` means for the checkpoint `model.name_or_path`."""
+
+    tokenizer: str  # model.tokenizer's SentencePiece file (or its dir / hub id when it has none)
+    own: str | None  # the checkpoint's own tokenizer.model, None when it has none
+    embeddings: int  # the checkpoint's vocab_size (embedding rows)
+    size: int | None  # model.tokenizer's pieces (None: no SentencePiece model to count)
+
+    @property
+    def grows(self) -> bool:
+        return self.size is not None and self.size > self.embeddings
+
+
+def local_sp_file(path: str | None, revision: str | None = None) -> str | None:
+    """The tokenizer.model of a directory, or of a hub id already in the local cache; None when there is none."""
+    if not path:
+        return None
+    path = os.path.expanduser(str(path))
+    if os.path.isdir(path):
+        candidate = os.path.join(path, SPM_FILE)
+        return candidate if os.path.isfile(candidate) else None
+    if os.path.isfile(path):
+        return path if path.endswith(".model") else None
+    try:  # a hub id: the checkpoint itself is fetched from the hub too
+        from transformers.utils import cached_file
+
+        return cached_file(path, SPM_FILE, revision=revision, _raise_exceptions_for_missing_entries=False)
+    except Exception:  # noqa: BLE001 - no tokenizer.model to compare with
+        return None
+
+
+def vocab_plan(model_cfg: Any) -> VocabPlan | None:
+    """Whether `model.tokenizer` belongs to `model.name_or_path` (see the module docstring); None for a random init
+    or when the checkpoint's own tokenizer is used. Fails naming both tokenizers and the first differing id."""
+    from transformers import AutoConfig
+
+    from llama2_sft.model import base_source
+
+    path, _ = base_source(model_cfg)
+    if not path or not model_cfg.tokenizer:
+        return None
+    embeddings = int(getattr(AutoConfig.from_pretrained(path, revision=model_cfg.revision), "vocab_size"))
+    own = local_sp_file(path, model_cfg.revision)
+    new = local_sp_file(model_cfg.tokenizer, model_cfg.revision)
+    if new is None:
+        if own is not None:
+            raise ValueError(f"model.tokenizer={model_cfg.tokenizer} has no {SPM_FILE} to compare with the one of "
+                             f"model.name_or_path={model_cfg.name_or_path} ({own}); set model.tokenizer=null to use "
+                             "the checkpoint's own tokenizer")
+        return VocabPlan(str(model_cfg.tokenizer), None, embeddings, None)
+    new_proto = _proto(new)
+    plan = VocabPlan(new, own, embeddings, len(new_proto.pieces))
+    if own is None:
+        if plan.grows:
+            raise ValueError(f"model.tokenizer={model_cfg.tokenizer} has {plan.size} pieces, more than the {embeddings} "
+                             f"embeddings of model.name_or_path={model_cfg.name_or_path}, which has no {SPM_FILE} of "
+                             "its own to split the new pieces with: growing needs the base tokenizer in the "
+                             "checkpoint directory")
+        return plan
+    if os.path.realpath(own) == os.path.realpath(new):
+        return plan
+    own_proto = _proto(own)
+    first = first_difference(own_proto, new_proto)
+    if first is not None:
+        if first >= len(new_proto.pieces):
+            detail = (f"it has {len(new_proto.pieces)} pieces, fewer than the checkpoint's {len(own_proto.pieces)} "
+                      f"(first missing id {first}: {own_proto.pieces[first].piece!r})")
+        else:
+            detail = (f"they differ first at id {first}: {new_proto.pieces[first].piece!r} in model.tokenizer, "
+                      f"{own_proto.pieces[first].piece!r} in the checkpoint's")
+        raise ValueError(f"model.tokenizer={model_cfg.tokenizer} ({new}) does not belong to model.name_or_path="
+                         f"{model_cfg.name_or_path}, whose own tokenizer is {own}: {detail}. Only an extension of the "
+                         "checkpoint's tokenizer (its pieces at the same ids, new pieces after them: python -m "
+                         "llama2_sft.vocab) can be used with it; set model.tokenizer=null to use its own")
+    return plan
+
+
+def grow_if_planned(model: torch.nn.Module, plan: VocabPlan | None) -> torch.nn.Module:
+    """`grow_model` when the plan says the tokenizer is larger than the embeddings."""
+    if plan is not None and plan.grows:
+        base = plan.own
+        if base is None:  # vocab_plan refuses this before any weights load
+            raise ValueError(f"model.tokenizer={plan.tokenizer}: cannot grow a checkpoint without its own {SPM_FILE}")
+        grow_model(model, base, plan.tokenizer)
+        log.info("vocabulary grown from %d to %d rows (%s extends %s): new rows are the mean of their pieces' base "
+                 "splits", plan.embeddings, plan.size, plan.tokenizer, base)
+    return model
