@@ -37,6 +37,11 @@ def _proto(model_file: str):
     return proto
 
 
+def piece_count(model_file: str) -> int:
+    """The number of pieces of a SentencePiece model file."""
+    return len(_proto(model_file).pieces)
+
+
 def base_splits(base_sp_model_file: str, new_sp_model_file: str) -> dict[int, list[int] | None]:
     """For each id the new model adds beyond the base's pieces: the base ids its text splits into, or None for a
     piece without text (UNUSED padding, control pieces). The text is the piece with "▁" as a space, encoded by the

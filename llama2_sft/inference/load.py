@@ -271,15 +271,35 @@ def _base_model(adapters: AdapterState):
     """The base a LoRA run names, in fp32 on the CPU, after checking that it is the architecture the run adapted."""
     from transformers import AutoModelForCausalLM
 
+    from llama2_sft.grow import grow_model
+
     base_path, base_kind, config = locate_base(adapters)
+    growth = _vocabulary_growth(adapters, base_path, config)
+    if growth is not None:  # the run grew the base to its extended tokenizer at load (llama2_sft.grow): so do we
+        config.vocab_size = growth[2]
     check_base(adapters, config)
     if base_kind in ("dcp", "deepspeed"):  # a run of this repo (itself possibly a LoRA run, merged recursively)
-        return load_model(base_path, device="cpu", dtype="fp32").model
-    try:
-        return AutoModelForCausalLM.from_pretrained(base_path, revision=adapters.revision, dtype=torch.float32)
-    except Exception as error:
-        raise ValueError(f"{adapters.source}: cannot load the base model {adapters.base!r}: {error}; pass base=PATH "
-                         "to load it from elsewhere") from error
+        model = load_model(base_path, device="cpu", dtype="fp32").model
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(base_path, revision=adapters.revision, dtype=torch.float32)
+        except Exception as error:
+            raise ValueError(f"{adapters.source}: cannot load the base model {adapters.base!r}: {error}; pass "
+                             "base=PATH to load it from elsewhere") from error
+    return grow_model(model, growth[0], growth[1]) if growth is not None else model
+
+
+def _vocabulary_growth(adapters: AdapterState, base_path: str, config: Any) -> tuple[str, str, int] | None:
+    """(base tokenizer.model, the run's tokenizer.model, its size) when the run's tokenizer has more pieces than the
+    base's embeddings, i.e. when training grew the base (only possible from a base with a tokenizer.model)."""
+    from llama2_sft.grow import local_sp_file, piece_count
+
+    own = os.path.join(adapters.source, "tokenizer.model")
+    base_sp = local_sp_file(base_path, adapters.revision)
+    if not os.path.isfile(own) or base_sp is None:
+        return None
+    size = piece_count(own)
+    return (base_sp, own, size) if size > int(config.vocab_size) else None
 
 
 def locate_base(adapters: AdapterState) -> tuple[str, str, Any]:

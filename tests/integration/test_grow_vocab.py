@@ -259,3 +259,17 @@ def test_train_py_grows_the_checkpoint_single_and_fsdp_give_the_same_losses(work
     reference = losses(single)
     assert len(reference) == 3 and len(set(reference.values())) == 3
     assert_same_losses(reference, losses(fsdp))
+
+
+@pytest.mark.slow
+def test_a_lora_run_grows_its_base_and_loads_merged_with_the_grown_vocabulary(work, tiny_checkpoint, extended, rows):
+    from llama2_sft.inference.load import load_model
+
+    pytest.importorskip("peft")
+    run, _ = run_train(work, "lora", tiny_checkpoint, extended, rows, "trainer.max_steps=2", "peft=lora",
+                       "peft.modules_to_save=[embed_tokens,lm_head]")
+    loaded = load_model(str(run), device="cpu", dtype="fp32")  # rebuilds the base, grows it, merges the adapters
+    assert loaded.kind == "dcp+lora" and loaded.model.config.vocab_size == len(loaded.tokenizer) == 1280
+    trained = loaded.adapters.trainable
+    assert torch.equal(loaded.model.model.embed_tokens.weight, trained["model.embed_tokens.weight"])
+    assert torch.equal(loaded.model.lm_head.weight, trained["lm_head.weight"])
