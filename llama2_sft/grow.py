@@ -11,6 +11,8 @@ text into (byte pieces included); old rows are untouched and `config.vocab_size`
   that differs (a tokenizer with fewer pieces differs at its length);
 - it has none: any tokenizer not larger than the embeddings is taken as it is; a larger one cannot be grown (there is
   no base tokenizer to split the new pieces with) and fails.
+A `model.tokenizer` without a tokenizer.model (a Hugging Face tokenizer.json only) is compared by its tokens; it cannot
+grow a model (growing needs both SentencePiece models).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def base_splits(base_sp_model_file: str, new_sp_model_file: str) -> dict[int, li
     import sentencepiece as spm
 
     base, new = _proto(base_sp_model_file), _proto(new_sp_model_file)
-    first = first_difference(base, new)
+    first = first_difference(pieces_of(base), pieces_of(new))
     if first is not None and first < len(base.pieces):
         raise ValueError(f"{new_sp_model_file} is no extension of {base_sp_model_file}: the pieces differ at id {first}")
     base.normalizer_spec.add_dummy_prefix = False
@@ -64,14 +66,27 @@ def base_splits(base_sp_model_file: str, new_sp_model_file: str) -> dict[int, li
     return splits
 
 
-def first_difference(own: Any, other: Any) -> int | None:
+def pieces_of(proto: Any) -> list[str]:
+    return [piece.piece for piece in proto.pieces]
+
+
+def first_difference(own: list[str], other: list[str]) -> int | None:
     """The first id at which `other` does not hold `own`'s piece (its length when it ends first), or None."""
-    for index, piece in enumerate(own.pieces):
-        if index >= len(other.pieces):
-            return index
-        if other.pieces[index].piece != piece.piece or other.pieces[index].type != piece.type:
+    for index, piece in enumerate(own):
+        if index >= len(other) or other[index] != piece:
             return index
     return None
+
+
+def hf_pieces(path: str, revision: str | None) -> list[str]:
+    """The tokens of a Hugging Face tokenizer without a tokenizer.model, by id."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    except Exception as error:  # noqa: BLE001 - the message names the key and the cause
+        raise ValueError(f"model.tokenizer: cannot load a tokenizer from {path!r}: {error}") from error
+    return tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
 
 
 def grown_rows(weight: torch.Tensor, splits: dict[int, list[int] | None], size: int, keep: int) -> torch.Tensor:
@@ -177,36 +192,30 @@ def vocab_plan(model_cfg: Any) -> VocabPlan | None:
     embeddings = int(getattr(AutoConfig.from_pretrained(path, revision=model_cfg.revision), "vocab_size"))
     own = local_sp_file(path, model_cfg.revision)
     new = local_sp_file(model_cfg.tokenizer, model_cfg.revision)
-    if new is None:
-        if own is not None:
-            raise ValueError(f"model.tokenizer={model_cfg.tokenizer} has no {SPM_FILE} to compare with the one of "
-                             f"model.name_or_path={model_cfg.name_or_path} ({own}); set model.tokenizer=null to use "
-                             "the checkpoint's own tokenizer")
-        return VocabPlan(str(model_cfg.tokenizer), None, embeddings, None)
-    new_proto = _proto(new)
-    plan = VocabPlan(new, own, embeddings, len(new_proto.pieces))
-    if own is None:
-        if plan.grows:
-            raise ValueError(f"model.tokenizer={model_cfg.tokenizer} has {plan.size} pieces, more than the {embeddings} "
-                             f"embeddings of model.name_or_path={model_cfg.name_or_path}, which has no {SPM_FILE} of "
-                             "its own to split the new pieces with: growing needs the base tokenizer in the "
-                             "checkpoint directory")
+    pieces = pieces_of(_proto(new)) if new is not None else hf_pieces(str(model_cfg.tokenizer), model_cfg.revision)
+    plan = VocabPlan(new or str(model_cfg.tokenizer), own, embeddings, len(pieces))
+    if plan.grows and (own is None or new is None):
+        lacks = (f"model.name_or_path={model_cfg.name_or_path}, which has no {SPM_FILE} of its own to split the new "
+                 "pieces with" if own is None else f"model.tokenizer={model_cfg.tokenizer}, which has no {SPM_FILE}")
+        raise ValueError(f"model.tokenizer={model_cfg.tokenizer} has {plan.size} pieces, more than the {embeddings} "
+                         f"embeddings of model.name_or_path={model_cfg.name_or_path}: growing needs both SentencePiece "
+                         f"models, and {lacks}")
+    if own is None or (new is not None and os.path.realpath(own) == os.path.realpath(new)):
         return plan
-    if os.path.realpath(own) == os.path.realpath(new):
-        return plan
-    own_proto = _proto(own)
-    first = first_difference(own_proto, new_proto)
+    own_pieces = pieces_of(_proto(own))
+    first = first_difference(own_pieces, pieces)
     if first is not None:
-        if first >= len(new_proto.pieces):
-            detail = (f"it has {len(new_proto.pieces)} pieces, fewer than the checkpoint's {len(own_proto.pieces)} "
-                      f"(first missing id {first}: {own_proto.pieces[first].piece!r})")
+        if first >= len(pieces):
+            detail = (f"it has {len(pieces)} pieces, fewer than the checkpoint's {len(own_pieces)} "
+                      f"(first missing id {first}: {own_pieces[first]!r})")
         else:
-            detail = (f"they differ first at id {first}: {new_proto.pieces[first].piece!r} in model.tokenizer, "
-                      f"{own_proto.pieces[first].piece!r} in the checkpoint's")
-        raise ValueError(f"model.tokenizer={model_cfg.tokenizer} ({new}) does not belong to model.name_or_path="
-                         f"{model_cfg.name_or_path}, whose own tokenizer is {own}: {detail}. Only an extension of the "
-                         "checkpoint's tokenizer (its pieces at the same ids, new pieces after them: python -m "
-                         "llama2_sft.vocab) can be used with it; set model.tokenizer=null to use its own")
+            detail = (f"they differ first at id {first}: {pieces[first]!r} in model.tokenizer, "
+                      f"{own_pieces[first]!r} in the checkpoint's")
+        raise ValueError(f"model.tokenizer={model_cfg.tokenizer} ({plan.tokenizer}) does not belong to "
+                         f"model.name_or_path={model_cfg.name_or_path}, whose own tokenizer is {own}: {detail}. Only "
+                         "an extension of the checkpoint's tokenizer (its pieces at the same ids, new pieces after "
+                         "them: python -m llama2_sft.vocab) can be used with it; set model.tokenizer=null to use its "
+                         "own")
     return plan
 
 

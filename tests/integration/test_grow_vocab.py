@@ -273,3 +273,19 @@ def test_a_lora_run_grows_its_base_and_loads_merged_with_the_grown_vocabulary(wo
     trained = loaded.adapters.trainable
     assert torch.equal(loaded.model.model.embed_tokens.weight, trained["model.embed_tokens.weight"])
     assert torch.equal(loaded.model.lm_head.weight, trained["lm_head.weight"])
+
+
+def test_a_tokenizer_without_tokenizer_model_is_compared_by_its_tokens_and_cannot_grow(work, tiny_checkpoint,
+                                                                                      tokenizer_dir, extended):
+    from transformers import AutoTokenizer
+
+    def hf_only(source, name):  # the Hugging Face files AutoTokenizer writes, without tokenizer.model
+        folder = work / name
+        AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+        (folder / "tokenizer.model").unlink(missing_ok=True)
+        assert (folder / "tokenizer.json").is_file()
+        return str(folder)
+
+    assert vocab_plan(grow_cfg(tiny_checkpoint, hf_only(tokenizer_dir, "hf_base")).model).size == 1024
+    with pytest.raises(ValueError, match=r"1280 pieces, more than the 1024 embeddings.*which has no tokenizer.model"):
+        vocab_plan(grow_cfg(tiny_checkpoint, hf_only(extended, "hf_extended")).model)
