@@ -72,6 +72,40 @@ def init_distributed(timeout_minutes: int = 60) -> DistContext:
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+def ensure_process_group(ctx: DistContext) -> None:
+    """Create a one-process group when none exists (`python train.py strategy=fsdp`, or torchrun with one process),
+    for the strategies whose sharding code needs collectives even on one rank (FSDP2, DeepSpeed ZeRO)."""
+    if not dist.is_available() or dist.is_initialized():
+        return
+    if ctx.world_size != 1:
+        raise RuntimeError(f"no process group on a {ctx.world_size}-rank run")
+    # DeepSpeed reads the launcher's variables even when handed an existing group; torchrun has set them already.
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+        os.environ.setdefault(key, value)
+    backend = "nccl" if ctx.device.type == "cuda" else "gloo"
+    # An in-memory store: one process needs no rendezvous, and no port can be taken by another run.
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=ctx.device if ctx.device.type == "cuda" else None)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any rank (identity when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 def destroy_distributed() -> None:
     """Tear down the process group (skipping this makes ~1 in 8 DeepSpeed runs crash at exit)."""
     if dist.is_available() and dist.is_initialized():

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from llama2_sft.distributed import DistContext
+from llama2_sft.distributed import DistContext, ensure_process_group
 from llama2_sft.strategy.base import ModelFactory, StepOutcome, StepSettings, Strategy
 
 
@@ -87,8 +87,9 @@ class DeepSpeedStrategy(Strategy):
             # that only speeds up CPU all-reduce; plain gloo collectives are exact and need no build.
             # (importlib: `import deepspeed.comm.torch` would resolve to the torch library re-exported there)
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-        if torch.distributed.is_initialized():  # deepspeed.comm adopts the process group before reading the world size
-            deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
+        ensure_process_group(ctx)  # one process (python train.py, or torchrun with one): a group of one
+        # deepspeed.comm adopts the process group before reading the world size
+        deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
         hf_ds_config = None
         if self.stage == 3:
             # While this object lives, transformers builds the model partitioned (zero.Init) and loads the

@@ -6,9 +6,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 
-from llama2_sft.distributed import DistContext
+from llama2_sft.distributed import DistContext, ensure_process_group
 from llama2_sft.model import decoder_layers, reset_rotary_buffers
 from llama2_sft.strategy.base import ModelFactory, StepSettings, TorchStrategy
 
@@ -27,9 +26,7 @@ class FSDPStrategy(TorchStrategy):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-        if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError("strategy=fsdp needs a process group: launch with torchrun (even --nproc_per_node=1), "
-                             "or use strategy=single for one process")
+        ensure_process_group(ctx)  # one process (python train.py, or torchrun with one): a group of one
         self.ctx, self.settings = ctx, settings
         if ctx.rank == 0:
             model = factory.build_full("cpu", "fp32")  # fp32 master weights, sharded below
@@ -44,7 +41,7 @@ class FSDPStrategy(TorchStrategy):
         kwargs = {"mesh": init_device_mesh(ctx.device.type, (ctx.world_size,)), "mp_policy": policy,
                   "reshard_after_forward": self.reshard_after_forward}
         if self.cpu_offload:
-            kwargs["offload_policy"] = CPUOffloadPolicy()
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=ctx.device.type == "cuda")  # pinning needs CUDA
         for layer in decoder_layers(model):
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)
