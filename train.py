@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=8 train.py +experiment=sft_7b    # the reference recipe (FSDP2, bf16, 8 GPUs)
     python train.py trainer.max_steps=50 dataset.packing=false # any key can be overridden
 
-Rerunning the same command with the same output_dir resumes from its latest complete checkpoint.
+Rerunning the same command with the same output_dir resumes from its latest complete checkpoint. SIGTERM / SIGUSR1
+stop a run after the current step with a checkpoint, exit status 75 (llama2_sft.train.preemption).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from omegaconf import DictConfig
 
 from llama2_sft.config import preflight, register_configs, validate
 from llama2_sft.distributed import destroy_distributed, init_distributed, rank_from_env
+from llama2_sft.train.preemption import PREEMPTED_EXIT_CODE, requeue_slurm_job
 
 log = logging.getLogger("train")
 register_configs()
@@ -83,6 +85,10 @@ def main(cfg: DictConfig) -> dict:
             _report(summary)
     finally:
         destroy_distributed()
+    if summary["preempted"]:  # a complete checkpoint of the last step exists: rerunning the command resumes it
+        if ctx.is_main and summary["requeue"]:
+            requeue_slurm_job()
+        raise SystemExit(PREEMPTED_EXIT_CODE)
     if ctx.is_main and list(cfg.trainer.eval_tasks) and not summary["stopped_early"]:
         _benchmarks(cfg, summary["checkpoint"])  # after the process group is gone: no rank waits on this
     return summary
@@ -116,6 +122,9 @@ def _report(summary: dict) -> None:
     for sample in summary["samples"]:
         print(f"  reference {sample['reference']!r}  generated {sample['generated']!r}")
     print(f"checkpoint: {summary['checkpoint']}")
+    if summary["preempted"]:
+        print(f"stopped by a signal at step {summary['steps']}: rerun the same command to resume "
+              f"(exit status {PREEMPTED_EXIT_CODE})")
 
 
 if __name__ == "__main__":

@@ -97,13 +97,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on any rank (identity when not distributed)."""
+def all_reduce_max(value: int, device: torch.device) -> int:
+    """The largest of the ranks' `value`s, on every rank (identity when not distributed)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
+    return int(tensor.item())
 
 
 def destroy_distributed() -> None:

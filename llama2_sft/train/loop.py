@@ -23,6 +23,7 @@ from llama2_sft.optim import lr_at, warmup_steps_for
 from llama2_sft.strategy.base import Strategy
 from llama2_sft.train.checkpointer import Checkpointer
 from llama2_sft.train.metrics import MetricsWriter, ModelShape, peak_flops
+from llama2_sft.train.preemption import PreemptionWatch
 from llama2_sft.train.step import StepResult, train_step
 from llama2_sft.train.validator import Validator, accuracy_per_task
 
@@ -53,6 +54,7 @@ class Trainer:
         self.supervised_tokens_seen = 0
         self.nan_skipped = 0
         self.resumed_from: str | None = None
+        self.preemption = PreemptionWatch(ctx)  # SIGTERM / SIGUSR1: finish the step, save, stop
 
         model = strategy.unwrapped_model()
         self.fused_loss = trainer.cross_entropy == "fused"
@@ -119,7 +121,13 @@ class Trainer:
             log.warning("could not draw %s/curves.png: %s", self.output_dir, error)
 
     def fit(self) -> dict:
-        """Train to `total_steps` (or `stop_after_steps` more), validating and checkpointing on cadence."""
+        """Train to `total_steps` (or `stop_after_steps` more, or until a stop signal), validating and checkpointing
+        on cadence; summary["preempted"] says whether a signal stopped it."""
+        with self.preemption:  # while it runs, a stop signal only sets a flag (the final save cannot be interrupted)
+            summary = self._fit()
+        return {**summary, "preempted": self.preemption.stopping, "requeue": self.preemption.requeue}
+
+    def _fit(self) -> dict:
         started = time.time()
         self.metrics.start(self.step)
         self.validator.start(self.step)
@@ -136,7 +144,9 @@ class Trainer:
             if self.validator.should_run(self.step, self.total_steps):
                 self.validator.run(self.step)
             self.checkpointer.save(self.step)
-        finished = self.step >= self.total_steps
+            if self.preemption.should_stop():  # all ranks agree (one all-reduce), then all save below
+                break
+        finished = self.step >= self.total_steps and not self.preemption.stopping  # a rerun does the final eval
         accuracy, answers = self.validator.final(self.step) if finished else (None, [])
         checkpoint = self.checkpointer.save(self.step, last_step=True)
         self.metrics.close()
