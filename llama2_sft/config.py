@@ -12,7 +12,7 @@ import inspect
 import os
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -73,6 +73,33 @@ class WandbMode(Choice):
     disabled = "disabled"
 
 
+class DataType(Choice):
+    chat = "chat"  # ShareGPT rows -> llama-2-chat samples, the loss on the answers
+    text = "text"  # plain documents -> BOS text EOS, the loss on every token (continued pretraining)
+
+
+class TxtDocuments(Choice):
+    """How a .txt file of a text source is cut into documents."""
+
+    blank_lines = "blank_lines"  # one document per block of lines separated by blank lines (a file without one: one)
+    file = "file"  # the whole file is one document
+
+
+class MixStop(Choice):
+    first_exhausted = "first_exhausted"  # the mix ends when a source has given its last sample (no sample twice)
+    all_exhausted = "all_exhausted"  # it ends when every source has given all its samples (small ones repeat)
+
+
+@dataclass
+class MixSource:
+    """One entry of dataset.sources."""
+
+    source: Any = MISSING  # anything dataset.source takes
+    weight: float = 1.0  # share of the mix's samples: weight / sum of weights
+    name: Optional[str] = None  # in metrics (source_samples / source_supervised_tokens); null = the file's stem
+    type: Optional[DataType] = None  # null = dataset.type
+
+
 @dataclass
 class DatasetConfig:
     source: Any = "???"  # hub id, file, glob, directory, saved dataset dir, or a list; each dataset file sets it
@@ -89,7 +116,12 @@ class DatasetConfig:
     pad_to_multiple_of: int = 1
     num_proc: Optional[int] = None  # tokenization processes; null = all cores
     cache_dir: str = ".cache/tokenized"
-    seed: int = 1234  # eval split and packing order
+    seed: int = 1234  # eval split, packing order and the mix's draws
+    type: DataType = DataType.chat  # chat rows, or plain text for continued pretraining (dataset=text)
+    text_field: str = "text"  # text: the field of .jsonl / .json / .parquet rows that holds a document
+    txt_documents: TxtDocuments = TxtDocuments.blank_lines  # text: how .txt files are cut into documents
+    sources: List[MixSource] = field(default_factory=list)  # a weighted mix, used instead of `source` when not empty
+    mix_stop: MixStop = MixStop.first_exhausted  # when the mix of `sources` ends
 
 
 @dataclass
@@ -240,7 +272,11 @@ def validate(cfg: DictConfig) -> None:
                 "trainer.ce_chunk_size", "model.checkpoint_every_n_layers"):
         if OmegaConf.select(cfg, key) < 1:
             raise ValueError(f"{key}={OmegaConf.select(cfg, key)} must be >= 1")
-    if OmegaConf.is_missing(cfg.dataset, "source"):
+    if cfg.dataset.sources:
+        from llama2_sft.data.mixing import mix_entries
+
+        mix_entries(cfg.dataset)  # weights, names, sources: each bad one named
+    elif OmegaConf.is_missing(cfg.dataset, "source"):
         raise ValueError("dataset.source is not set: dataset.source=/path/to/rows.jsonl (a file, glob, directory, "
                          "saved dataset dir or hub id)")
     if cfg.trainer.max_steps < 1 and cfg.trainer.epochs <= 0:

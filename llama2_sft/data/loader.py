@@ -83,7 +83,7 @@ class SFTLoader:
         self.packing = packing
         self.group_by_length = group_by_length
         self.pad_to_multiple_of = pad_to_multiple_of
-        lengths = np.asarray(dataset.data.column("length").to_numpy(), dtype=np.int64) if len(dataset) else np.zeros(0, np.int64)
+        lengths = sample_lengths(dataset)
         self.plan = pack(lengths, max_length, seed) if packing else single_sample_units(lengths)
         self.epoch = 0
         self.step_in_epoch = 0
@@ -94,6 +94,8 @@ class SFTLoader:
             )
         self._order_epoch = -1
         self._order: np.ndarray | None = None
+        # a mix (llama2_sft.data.mixing.MixedSamples): per-source counts of the last global batch, for the metrics
+        self.last_sources: dict | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -144,6 +146,8 @@ class SFTLoader:
             self.step_in_epoch = 0
         units = self.global_batch_units(self.epoch, self.step_in_epoch)
         micro = [self._collate(units[self.layout.micro_slice(self.rank, m)]) for m in range(self.layout.grad_accum_steps)]
+        if hasattr(self.dataset, "counts"):  # over the whole global batch: the same on every rank, no collective
+            self.last_sources = self.dataset.counts(np.concatenate([self.plan.unit(int(u)) for u in units]))
         self.step_in_epoch += 1
         return micro
 
@@ -162,6 +166,13 @@ class SFTLoader:
                 raise ValueError(f"cannot resume the data loader: checkpoint has {key}={state.get(key)}, this run {current}")
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state["step_in_epoch"])
+
+
+def sample_lengths(dataset: Any) -> np.ndarray:
+    """Tokens per sample: a mix's own array, else the cached `length` column (read without decoding rows)."""
+    if hasattr(dataset, "lengths"):
+        return np.asarray(dataset.lengths, dtype=np.int64)
+    return np.asarray(dataset.data.column("length").to_numpy(), dtype=np.int64) if len(dataset) else np.zeros(0, np.int64)
 
 
 def eval_batches(dataset: Any, batch_size: int, rank: int, world_size: int, pad_id: int) -> Iterator[dict]:

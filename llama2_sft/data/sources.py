@@ -77,8 +77,9 @@ def row_to_messages(row: dict, default_system: str | None) -> tuple[list[dict] |
     return with_system_prompt(messages, system), None
 
 
-def _expand_local(source: str) -> list[str] | None:
-    """Local files named by `source` (file, glob, or directory of data files), or None if it is not local."""
+def _expand_local(source: str, formats: Sequence[str] = tuple(FILE_FORMATS)) -> list[str] | None:
+    """Local files named by `source` (file, glob, or directory of data files with a suffix in `formats`), or None if
+    it is not local."""
     if any(ch in source for ch in "*?["):
         files = sorted(glob.glob(source, recursive=True))
         if not files:
@@ -91,10 +92,10 @@ def _expand_local(source: str) -> list[str] | None:
             os.path.join(root, name)
             for root, _, names in os.walk(source)
             for name in names
-            if os.path.splitext(name)[1] in FILE_FORMATS
+            if os.path.splitext(name)[1] in formats
         )
         return files
-    if source.startswith((".", "/", "~")) or source.endswith(tuple(FILE_FORMATS)):
+    if source.startswith((".", "/", "~")) or source.endswith(tuple(formats)):
         raise ValueError(f"dataset source {source!r}: no such file or directory")
     return None
 
@@ -107,7 +108,8 @@ def _is_saved_dataset(path: str) -> bool:
     )
 
 
-def source_identity(source: str | Sequence[str], revision: str | None = None) -> dict:
+def source_identity(source: str | Sequence[str], revision: str | None = None,
+                    formats: Sequence[str] = tuple(FILE_FORMATS)) -> dict:
     """What identifies a source's content without reading it: local paths + sizes + mtimes, or hub id + revision."""
     sources = [source] if isinstance(source, str) else list(source)
     parts = []
@@ -116,7 +118,7 @@ def source_identity(source: str | Sequence[str], revision: str | None = None) ->
         if _is_saved_dataset(item):
             files = sorted(glob.glob(os.path.join(item, "**", "*"), recursive=True))
         else:
-            files = _expand_local(item)
+            files = _expand_local(item, formats)
         if files is None:
             parts.append({"hub": item, "revision": revision})
             continue

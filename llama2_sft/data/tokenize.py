@@ -61,8 +61,31 @@ def tokenizer_identity(tokenizer_path: str) -> dict:
     return {"hub": tokenizer_path}
 
 
+def is_text(dataset_cfg: Any) -> bool:
+    return str(getattr(dataset_cfg, "type", "chat")) == "text"
+
+
 def fingerprint(dataset_cfg: Any, tokenizer_path: str) -> tuple[str, dict]:
     """Hash of everything that changes the tokenized result, and the inputs it was computed from."""
+    if is_text(dataset_cfg):
+        from llama2_sft.data.text import TEXT_FILE_FORMATS
+
+        inputs = {
+            "cache_format": CACHE_FORMAT,
+            "type": "text",
+            "source": source_identity(dataset_cfg.source, dataset_cfg.revision, TEXT_FILE_FORMATS),
+            "eval_source": (source_identity(dataset_cfg.eval_source, dataset_cfg.revision, TEXT_FILE_FORMATS)
+                            if dataset_cfg.eval_source else None),
+            "split": dataset_cfg.split,
+            "eval_fraction": dataset_cfg.eval_fraction if not dataset_cfg.eval_source else None,
+            "seed": dataset_cfg.seed,
+            "tokenizer": tokenizer_identity(tokenizer_path),
+            "max_length": dataset_cfg.max_length,
+            "text_field": dataset_cfg.text_field,
+            "txt_documents": str(dataset_cfg.txt_documents),
+        }
+        blob = json.dumps(inputs, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:20], inputs
     inputs = {
         "cache_format": CACHE_FORMAT,
         "template": TEMPLATE_VERSION,
@@ -145,19 +168,24 @@ def _tokenize_split(rows: Any, tokenizer: Any, dataset_cfg: Any, work_dir: str, 
     encoder = text_encoder(tokenizer)  # resolve once; pickles as its model file for worker processes
     if isinstance(encoder, SentencePieceEncoder) and parallel:
         encoder = SentencePieceEncoder(encoder.model_file, num_threads=1)  # processes, not threads, share the cores
+    if is_text(dataset_cfg):  # documents -> pieces (llama2_sft.data.text)
+        from llama2_sft.data.text import encode_documents
+
+        function, with_indices = encode_documents, True
+        kwargs = {"tokenizer": encoder, "max_length": dataset_cfg.max_length}
+    else:
+        function, with_indices = encode_rows, False
+        kwargs = {"tokenizer": encoder, "system_prompt": resolve_system_prompt(dataset_cfg.default_system),
+                  "max_length": dataset_cfg.max_length, "truncation": dataset_cfg.truncation}
     mapped = rows.map(
-        encode_rows,
+        function,
         batched=True,
         batch_size=1000,
+        with_indices=with_indices,
         num_proc=num_proc if parallel else None,
         remove_columns=rows.column_names,
         features=_features(),
-        fn_kwargs={
-            "tokenizer": encoder,
-            "system_prompt": resolve_system_prompt(dataset_cfg.default_system),
-            "max_length": dataset_cfg.max_length,
-            "truncation": dataset_cfg.truncation,
-        },
+        fn_kwargs=kwargs,
         cache_file_name=os.path.join(work_dir, f"{name}-encoded.arrow"),
         desc=f"tokenizing {name}",
     )
@@ -205,7 +233,13 @@ def _build(dataset_cfg: Any, tokenizer: Any, final_dir: str, inputs: dict) -> No
     os.makedirs(work_dir)
     num_proc = dataset_cfg.num_proc or os.cpu_count() or 1
     started = time.time()
-    rows = load_rows(dataset_cfg.source, dataset_cfg.split, dataset_cfg.revision)
+    load = _document_loader(dataset_cfg) if is_text(dataset_cfg) else load_rows
+    rows = load(dataset_cfg.source, dataset_cfg.split, dataset_cfg.revision)
+    held_out = None
+    if is_text(dataset_cfg) and not dataset_cfg.eval_source and dataset_cfg.eval_fraction and len(rows) > 1:
+        # whole documents are held out (not pieces: a piece's neighbours would be in training)
+        parts = rows.train_test_split(test_size=dataset_cfg.eval_fraction, seed=dataset_cfg.seed, shuffle=True)
+        rows, held_out = parts["train"], parts["test"]
     train, train_summary = _tokenize_split(rows, tokenizer, dataset_cfg, work_dir, num_proc, "train")
     if len(train) == 0:
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -213,8 +247,9 @@ def _build(dataset_cfg: Any, tokenizer: Any, final_dir: str, inputs: dict) -> No
                          f"(skipped: {train_summary['skipped']}, e.g. ids {train_summary['example_ids']})")
     splits = {"train": train_summary}
     eval_set = None
-    if dataset_cfg.eval_source:
-        eval_rows = load_rows(dataset_cfg.eval_source, dataset_cfg.split, dataset_cfg.revision)
+    if dataset_cfg.eval_source or held_out is not None:
+        eval_rows = held_out if held_out is not None else load(dataset_cfg.eval_source, dataset_cfg.split,
+                                                               dataset_cfg.revision)
         eval_set, splits["eval"] = _tokenize_split(eval_rows, tokenizer, dataset_cfg, work_dir, num_proc, "eval")
     elif dataset_cfg.eval_fraction and len(train) > 1:
         parts = train.train_test_split(test_size=dataset_cfg.eval_fraction, seed=dataset_cfg.seed, shuffle=True)
@@ -236,6 +271,13 @@ def _build(dataset_cfg: Any, tokenizer: Any, final_dir: str, inputs: dict) -> No
     del train, eval_set, rows  # they map files in work_dir, which goes next
     shutil.rmtree(work_dir, ignore_errors=True)
     os.replace(publish_dir, final_dir)  # atomic publish: readers only ever see a complete cache
+
+
+def _document_loader(dataset_cfg: Any):
+    from llama2_sft.data.text import load_documents
+
+    return lambda source, split, revision: load_documents(source, dataset_cfg.text_field, dataset_cfg.txt_documents,
+                                                          split, revision)
 
 
 def load_prepared(path: str) -> PreparedData:
@@ -266,7 +308,12 @@ def format_summary(summary: dict) -> str:
 
 def prepare_dataset(dataset_cfg: Any, tokenizer: Any, tokenizer_path: str, rank: int = 0, poll_seconds: float = 2.0) -> PreparedData:
     """Tokenize (or load from cache) the configured dataset. Rank 0 builds; other ranks wait on the file system
-    (no collective, so a multi-hour build cannot hit a NCCL timeout)."""
+    (no collective, so a multi-hour build cannot hit a NCCL timeout). With `dataset.sources`, each source is prepared
+    on its own (its own cache) and the train split is their weighted mix (llama2_sft.data.mixing)."""
+    if getattr(dataset_cfg, "sources", None):
+        from llama2_sft.data.mixing import prepare_mixture
+
+        return prepare_mixture(dataset_cfg, tokenizer, tokenizer_path, rank=rank, poll_seconds=poll_seconds)
     key, inputs = fingerprint(dataset_cfg, tokenizer_path)
     cache_root = os.path.abspath(os.path.expanduser(dataset_cfg.cache_dir))
     final_dir = os.path.join(cache_root, key)

@@ -140,7 +140,8 @@ class Trainer:
             self.step += 1
             self.tokens_seen += result.num_tokens
             self.supervised_tokens_seen += result.num_supervised_tokens
-            self.metrics.log_step(result, lr, time.time() - step_started, self.state_dict())
+            self.metrics.log_step(result, lr, time.time() - step_started, self.state_dict(),
+                                  extra=self.loader.last_sources)  # a mix's per-source counts, else None
             if self.validator.should_run(self.step, self.total_steps):
                 self.validator.run(self.step)
             self.checkpointer.save(self.step)

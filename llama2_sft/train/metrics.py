@@ -61,6 +61,17 @@ class ModelShape:
         return cls(num_params, config.num_hidden_layers, config.num_attention_heads, head_dim)
 
 
+def wandb_scalars(record: dict) -> dict:
+    """The numbers of a record for W&B; a dict of numbers becomes `key/name` series (source_samples/chat, ...)."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update({f"{key}/{name}": v for name, v in value.items() if isinstance(v, (int, float))})
+        elif isinstance(value, (int, float)):
+            out[key] = value
+    return out
+
+
 class MetricsWriter:
     """Rank 0 appends records to metrics.jsonl, forwards them to W&B and draws the progress bar; other ranks only
     count. `log_step` turns a step result into the record (throughput, MFU, memory) on its own cadence."""
@@ -129,15 +140,16 @@ class MetricsWriter:
             self.wandb = None
 
     # --- records --------------------------------------------------------------------------------------------
-    def log_step(self, result: Any, lr: float, seconds: float, totals: dict) -> dict:
+    def log_step(self, result: Any, lr: float, seconds: float, totals: dict, extra: dict | None = None) -> dict:
         """The record of one optimizer step (`result`: a `StepResult`; `totals`: the trainer's counters after it,
-        `step` among them), written every `log_steps` and at the last step."""
+        `step` among them; `extra`: more keys, e.g. a mix's per-source counts), written every `log_steps` and at the
+        last step."""
         step = totals["step"]
         tokens_per_s = result.num_tokens / max(seconds, 1e-9)
         record = {**totals, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                   "num_tokens": result.num_tokens, "num_supervised_tokens": result.num_supervised_tokens,
                   "tokens_per_s": tokens_per_s, "step_seconds": seconds, "row_length": result.row_length,
-                  "peak_memory_gb": peak_memory_gb(self.ctx.device)}
+                  "peak_memory_gb": peak_memory_gb(self.ctx.device), **(extra or {})}
         if self.peak and self.shape and self.shape.num_params:
             # T of the PaLM formula: the row length (max_length when packing; the padded width otherwise)
             flops = flops_per_token(self.shape.num_params, self.shape.num_layers, self.shape.num_heads,
@@ -158,7 +170,7 @@ class MetricsWriter:
             handle.write(json.dumps(clean) + "\n")
         if self.wandb is not None:
             try:
-                self.wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=int(clean["step"]))
+                self.wandb.log(wandb_scalars(clean), step=int(clean["step"]))
             except Exception as error:  # noqa: BLE001
                 log.warning("W&B log failed: %s", error)
 
