@@ -116,10 +116,9 @@ class MixedSamples:
     """The mix as one data set for the loader: `len`, `[list of ints]` -> columns, `lengths`, and per sample its
     source (`source_of`, `names`) and supervised tokens (`num_supervised`, the targets after the collator's shift)."""
 
-    column_names = ["id", "input_ids", "labels", "length", "num_supervised", "task"]
-
     def __init__(self, parts: Sequence[Any], names: Sequence[str], source_of: np.ndarray, index_in_source: np.ndarray):
         self.parts, self.names = list(parts), list(names)
+        self.column_names = [c for c in self.parts[0].column_names if all(c in p.column_names for p in self.parts)]
         self.source_of, self.index_in_source = np.asarray(source_of), np.asarray(index_in_source)
         part_lengths = [np.asarray(p.data.column("length").to_numpy(), dtype=np.int64) for p in self.parts]
         part_supervised = [np.asarray(p.data.column("num_supervised").to_numpy(), dtype=np.int64) for p in self.parts]

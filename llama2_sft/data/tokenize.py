@@ -251,7 +251,7 @@ def _build(dataset_cfg: Any, tokenizer: Any, final_dir: str, inputs: dict) -> No
         eval_rows = held_out if held_out is not None else load(dataset_cfg.eval_source, dataset_cfg.split,
                                                                dataset_cfg.revision)
         eval_set, splits["eval"] = _tokenize_split(eval_rows, tokenizer, dataset_cfg, work_dir, num_proc, "eval")
-    elif dataset_cfg.eval_fraction and len(train) > 1:
+    elif dataset_cfg.eval_fraction and len(train) > 1 and not is_text(dataset_cfg):  # text: documents, above
         parts = train.train_test_split(test_size=dataset_cfg.eval_fraction, seed=dataset_cfg.seed, shuffle=True)
         train, eval_set = parts["train"], parts["test"]
     publish_dir = f"{work_dir}-publish"
