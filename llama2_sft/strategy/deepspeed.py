@@ -128,8 +128,31 @@ class DeepSpeedStrategy(Strategy):
         self.engine.save_checkpoint(directory, tag="deepspeed", save_latest=False, exclude_frozen_parameters=True)
 
     def load(self, directory: str) -> None:
-        path, _ = self.engine.load_checkpoint(directory, tag="deepspeed", load_lr_scheduler_states=False,
-                                              load_module_strict=not self._has_frozen_parameters())
+        """Restore a ZeRO checkpoint; one written on another number of ranks goes through DeepSpeed's universal
+        checkpoint (converted once, next to the original, by `universal_checkpoint`)."""
+        tag = "deepspeed"
+        saved_world = zero_world_size(os.path.join(directory, tag))
+        universal = saved_world is not None and saved_world != self.ctx.world_size
+        if universal:
+            tag = universal_checkpoint(directory, saved_world, self.ctx)
+        self.engine._config.load_universal_checkpoint = universal  # read by load_checkpoint only
+        # DeepSpeed's universal loader copies the first group's hyperparameters into every group (weight decay
+        # then reaches the no-decay group): they come from this run's config anyway, so they are put back.
+        groups = self.engine.optimizer.optimizer.param_groups
+        hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in groups]
+        try:
+            path, _ = self.engine.load_checkpoint(directory, tag=tag, load_lr_scheduler_states=False,
+                                                  load_module_strict=not self._has_frozen_parameters())
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+        if universal:
+            for group, saved in zip(groups, hyperparameters):
+                group.update(saved)
+            # ... and gives every group's state one shared `step` tensor, which a fused / foreach AdamW increments
+            # in place once per group: each group gets its own copy.
+            for state in self.engine.optimizer.optimizer.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
         if path is None:
             raise ValueError(f"{directory}: no DeepSpeed checkpoint (tag 'deepspeed') to resume from")
 
@@ -142,3 +165,48 @@ class DeepSpeedStrategy(Strategy):
     def num_parameters(self) -> int:
         # ZeRO-3 partitions parameters in place: each keeps its full size in `ds_numel`
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
+
+
+UNIVERSAL_TAG = "deepspeed_universal"
+
+
+def zero_world_size(folder: str) -> int | None:
+    """The number of data-parallel ranks a ZeRO checkpoint folder was written by (one optimizer file each)."""
+    if not os.path.isdir(folder):
+        return None
+    ranks = {name for name in os.listdir(folder) if name.endswith("_optim_states.pt") and "zero_pp_rank_" in name}
+    return len(ranks) or None
+
+
+def universal_checkpoint(directory: str, saved_world: int, ctx: DistContext) -> str:
+    """Convert `directory/deepspeed` (ZeRO-2/3 on `saved_world` ranks) into DeepSpeed's universal checkpoint in
+    `directory/deepspeed_universal` (rank 0, atomically; reused when there) and return its tag."""
+    from llama2_sft.distributed import barrier
+
+    final = os.path.join(directory, UNIVERSAL_TAG)
+    if ctx.is_main and not os.path.isdir(final):
+        import argparse
+        import logging
+        import shutil
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        logging.getLogger(__name__).info("%s: written on %d ranks, resuming on %d: converting to DeepSpeed's universal "
+                                         "checkpoint in %s", directory, saved_world, ctx.world_size, final)
+        tmp = f"{final}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = argparse.Namespace(input_folder=os.path.join(directory, "deepspeed"), output_folder=tmp,
+                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)  # ZeRO-2 saves carry no universal_checkpoint_info
+        try:
+            ds_to_universal.main(args)
+        except Exception as error:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ValueError(
+                f"{directory}: this DeepSpeed checkpoint was written on {saved_world} ranks and cannot be converted to "
+                f"resume on {ctx.world_size} ({type(error).__name__}: {error}). Resume it on {saved_world} ranks, or "
+                f"convert it yourself: python -m deepspeed.checkpoint.ds_to_universal --input_folder "
+                f"{directory}/deepspeed --output_folder {final}") from error
+        os.replace(tmp, final)
+    barrier()
+    return UNIVERSAL_TAG
