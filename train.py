@@ -60,7 +60,8 @@ def main(cfg: DictConfig) -> dict:
         loader = SFTLoader(data.train, layout=layout, rank=ctx.rank, pad_id=tokenizer.pad_token_id, seed=cfg.seed,
                            packing=cfg.dataset.packing, max_length=cfg.dataset.max_length,
                            group_by_length=cfg.dataset.group_by_length,
-                           pad_to_multiple_of=cfg.dataset.pad_to_multiple_of)
+                           pad_to_multiple_of=cfg.dataset.pad_to_multiple_of,
+                           allow_batch_change=cfg.resume_batch_change == "allow")
 
         # Model + optimizer, placed by the strategy (single / ddp / fsdp / deepspeed).
         factory = ModelFactory(

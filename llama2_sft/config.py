@@ -50,6 +50,11 @@ class OnNan(Choice):
     skip = "skip"  # drop the update and go on
 
 
+class BatchChange(Choice):
+    refuse = "refuse"  # a resume that changes micro x accum x world (the global batch) fails, naming both
+    allow = "allow"  # continue at the same sample position with the new global batch
+
+
 class CrossEntropy(Choice):
     fused = "fused"  # LM head + CE in chunks: [tokens, vocab] logits never exist whole
     logits = "logits"  # the model returns logits, then CE
@@ -214,6 +219,7 @@ class TrainConfig:
     precision: Precision = Precision.fp32
     tf32: bool = True  # TF32 matmuls on Ampere+ GPUs (no effect on CPU)
     resume: Any = "auto"  # auto (latest complete checkpoint in output_dir) | false | path to a checkpoint
+    resume_batch_change: BatchChange = BatchChange.refuse  # may a resume change the global batch?
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)

@@ -72,6 +72,7 @@ class SFTLoader:
         max_length: int,
         group_by_length: bool = False,
         pad_to_multiple_of: int = 1,
+        allow_batch_change: bool = False,
     ):
         if not 0 <= rank < layout.world_size:
             raise ValueError(f"rank {rank} outside world size {layout.world_size}")
@@ -83,6 +84,7 @@ class SFTLoader:
         self.packing = packing
         self.group_by_length = group_by_length
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.allow_batch_change = allow_batch_change  # resume_batch_change=allow
         lengths = sample_lengths(dataset)
         self.plan = pack(lengths, max_length, seed) if packing else single_sample_units(lengths)
         self.epoch = 0
@@ -156,16 +158,31 @@ class SFTLoader:
             yield self.next_step()
 
     def state_dict(self) -> dict:
+        layout = self.layout
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed,
-                "global_batch_units": self.layout.global_batch_units, "num_units": len(self.plan)}
+                "global_batch_units": layout.global_batch_units, "num_units": len(self.plan),
+                "layout": [layout.micro_batch_size, layout.grad_accum_steps, layout.world_size]}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "global_batch_units", "num_units"):
+        for key in ("seed", "num_units"):
             current = self.state_dict()[key]
             if state.get(key) != current:
                 raise ValueError(f"cannot resume the data loader: checkpoint has {key}={state.get(key)}, this run {current}")
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state["step_in_epoch"])
+        saved_units, units = int(state["global_batch_units"]), self.layout.global_batch_units
+        if saved_units == units:  # the world size and micro x accum may differ: batches are global
+            return
+        saved = "x".join(map(str, state.get("layout", []))) or "?"
+        now = f"{self.layout.micro_batch_size}x{self.layout.grad_accum_steps}x{self.layout.world_size}"
+        if not self.allow_batch_change:
+            raise ValueError(
+                f"resuming would change the global batch from {saved_units} units (micro_batch_size x grad_accum_steps x "
+                f"world size = {saved}) to {units} ({now}): keep micro x accum x world at {saved_units}, or set "
+                "resume_batch_change=allow to continue at the same sample position with the new global batch")
+        # The same position in the epoch's order, rounded up to a whole batch: no unit is trained twice per epoch.
+        # (With dataset.group_by_length the order itself depends on the global batch, so it is a new order.)
+        self.step_in_epoch = -(-self.step_in_epoch * saved_units // units)
 
 
 def sample_lengths(dataset: Any) -> np.ndarray:
