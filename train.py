@@ -84,11 +84,11 @@ def main(cfg: DictConfig) -> dict:
 
         if ctx.is_main:
             _report(summary)
+            if summary["requeue"]:  # before the barrier below: under torchrun the first rank to exit ends the rest
+                requeue_slurm_job()
     finally:
         destroy_distributed()
     if summary["preempted"]:  # a complete checkpoint of the last step exists: rerunning the command resumes it
-        if ctx.is_main and summary["requeue"]:
-            requeue_slurm_job()
         raise SystemExit(PREEMPTED_EXIT_CODE)
     if ctx.is_main and list(cfg.trainer.eval_tasks) and not summary["stopped_early"]:
         _benchmarks(cfg, summary["checkpoint"])  # after the process group is gone: no rank waits on this
