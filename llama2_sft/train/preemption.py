@@ -86,7 +86,7 @@ def requeue_slurm_job(environ: dict | None = None) -> bool:
     if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
         job_id = f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
     try:
-        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60, env=environ)
     except (OSError, subprocess.TimeoutExpired) as error:
         log.warning("could not requeue SLURM job %s: %s; resubmit the same command to resume", job_id, error)
         return False
