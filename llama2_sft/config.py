@@ -371,8 +371,9 @@ def preflight(cfg: DictConfig, device: Any) -> None:
 
 
 def check_growth(cfg: DictConfig) -> None:
-    """model.tokenizer against the checkpoint's own tokenizer (llama2_sft.grow.vocab_plan), and the combinations a
-    growing vocabulary cannot run in, named before any weights load."""
+    """model.tokenizer against the checkpoint's own tokenizer (llama2_sft.grow.vocab_plan), and what a growing
+    vocabulary needs (LoRA: the new rows trained fully), named before any weights load. Every strategy grows (FSDP2:
+    rank 0 grows the full model; ZeRO-3: the partitioned embedding and head only, llama2_sft.grow)."""
     from llama2_sft.grow import vocab_plan
 
     plan = vocab_plan(cfg.model)
@@ -385,12 +386,6 @@ def check_growth(cfg: DictConfig) -> None:
         if missing:
             raise ValueError(f"{grows}, and its new rows must be trained fully: add {missing} to "
                              f"peft.modules_to_save (e.g. peft.modules_to_save=[embed_tokens,lm_head])")
-    target = str(cfg.strategy._target_)
-    if "DeepSpeed" in target and int(OmegaConf.select(cfg, "strategy.stage", default=3)) == 3:
-        raise ValueError(f"{grows}, which strategy._target_={target} with strategy.stage=3 cannot do: ZeRO-3 builds "
-                         "the model already partitioned (zero.Init), and growing its embeddings would need them "
-                         "whole on every rank; use strategy=fsdp (rank 0 alone grows the full model, the others "
-                         "receive their shards) or strategy=deepspeed_zero2")
 
 
 def _is_within(output_dir: str, base: str) -> bool:

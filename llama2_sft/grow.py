@@ -3,7 +3,8 @@
 `python -m llama2_sft.vocab` appends pieces to a base SentencePiece model (ids 0..N-1 unchanged). Training with
 `model.tokenizer=<that dir>` on a checkpoint whose embeddings have fewer rows grows the model at load: new rows of
 `embed_tokens` and `lm_head`, each the mean of the base rows of the pieces the BASE tokenizer splits the new piece's
-text into (byte pieces included); old rows are untouched and `config.vocab_size` follows.
+text into (byte pieces included); old rows are untouched and `config.vocab_size` follows. Under DeepSpeed ZeRO-3 the
+model is built partitioned, and only the embedding and the head are gathered to grow them (`_grow_partitioned`).
 
 `vocab_plan` decides, before any weights load (config.preflight), whether `model.tokenizer` fits the checkpoint:
 - the checkpoint has a tokenizer.model of its own (a Hugging Face dir, or a run's checkpoint dir): the first pieces of
@@ -115,6 +116,8 @@ def grow_model(model: torch.nn.Module, base_sp_model_file: str, new_sp_model_fil
     size = len(_proto(new_sp_model_file).pieces)
     keep = len(_proto(base_sp_model_file).pieces)
     embed = model.get_input_embeddings()
+    if hasattr(embed.weight, "ds_id"):  # built under DeepSpeed ZeRO-3 (zero.Init): partitioned over the ranks
+        return _grow_partitioned(model, base_sp_model_file, new_sp_model_file, size, keep)
     rows = embed.weight.shape[0]
     if size <= rows:
         return model
@@ -138,11 +141,55 @@ def grow_model(model: torch.nn.Module, base_sp_model_file: str, new_sp_model_fil
             if head.bias is not None:
                 raise ValueError("grow_model: an LM head with a bias is not supported")
             model.set_output_embeddings(new_head)
+    _set_vocab_size(model, size)
+    return model
+
+
+def _set_vocab_size(model: torch.nn.Module, size: int) -> None:
     config = model.config
     getattr(config, "text_config", config).vocab_size = size
     config.vocab_size = size
     if hasattr(model, "vocab_size"):
         model.vocab_size = size
+
+
+def _grow_partitioned(model: torch.nn.Module, base_sp_model_file: str, new_sp_model_file: str, size: int,
+                      keep: int) -> torch.nn.Module:
+    """`grow_model` for a model whose parameters DeepSpeed ZeRO-3 has partitioned (transformers built it under
+    zero.Init): only the embedding and the LM head are gathered, never the decoder layers. The grown matrices are
+    created partitioned (zero.Init with the run's DeepSpeed config), filled on rank 0 with the same `grown_rows` as
+    the unpartitioned path and broadcast to the other ranks when the gather ends (modifier_rank=0)."""
+    import deepspeed
+    import torch.distributed as dist
+    from transformers.integrations import deepspeed_config
+
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and head.weight is embed.weight:
+        raise ValueError("grow_model: tied input and output embeddings cannot be grown under DeepSpeed ZeRO-3")
+    if head is not None and head.bias is not None:
+        raise ValueError("grow_model: an LM head with a bias is not supported")
+    rows, hidden = embed.weight.ds_shape
+    if size <= rows:
+        return model
+    if keep > rows:
+        raise ValueError(f"{base_sp_model_file} has {keep} pieces but the model's embeddings only {rows} rows")
+    splits = base_splits(base_sp_model_file, new_sp_model_file)
+    old = [embed.weight] + ([head.weight] if head is not None else [])
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
+        new_embed = torch.nn.Embedding(size, hidden, padding_idx=embed.padding_idx, dtype=embed.weight.dtype)
+        new_head = None if head is None else torch.nn.Linear(hidden, size, bias=False, dtype=head.weight.dtype)
+    new = [new_embed.weight] + ([new_head.weight] if new_head is not None else [])
+    for before, after in zip(old, new):
+        after.requires_grad_(before.requires_grad)
+    with deepspeed.zero.GatheredParameters(old + new, modifier_rank=0):
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            with torch.no_grad():
+                for before, after in zip(old, new):
+                    after.data.copy_(grown_rows(before.data, splits, size, keep))
+    model.set_input_embeddings(new_embed)
+    if new_head is not None:
+        model.set_output_embeddings(new_head)
+    _set_vocab_size(model, size)
     return model
 
 

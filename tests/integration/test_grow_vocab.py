@@ -149,7 +149,7 @@ def test_build_model_grows_and_the_meta_model_other_fsdp_ranks_build_has_the_gro
     assert trainable == {"model.embed_tokens.weight": (1280, 64), "lm_head.weight": (1280, 64)}
 
 
-def test_growing_with_lora_needs_both_modules_to_save_and_zero3_is_refused(tiny_checkpoint, extended):
+def test_growing_with_lora_needs_both_modules_to_save(tiny_checkpoint, extended):
     from llama2_sft.config import preflight
 
     pytest.importorskip("peft")
@@ -158,9 +158,8 @@ def test_growing_with_lora_needs_both_modules_to_save_and_zero3_is_refused(tiny_
             preflight(grow_cfg(tiny_checkpoint, extended, "peft=lora", f"peft.modules_to_save={saved}"), "cpu")
         assert "embed_tokens" in str(error.value) and "1280 pieces" in str(error.value)
     preflight(grow_cfg(tiny_checkpoint, extended, "peft=lora", "peft.modules_to_save=[embed_tokens,lm_head]"), "cpu")
-    with pytest.raises(ValueError, match=r"strategy.stage=3 cannot do"):
-        preflight(grow_cfg(tiny_checkpoint, extended, "strategy=deepspeed_zero3"), "cpu")
-    preflight(grow_cfg(tiny_checkpoint, extended, "strategy=deepspeed_zero2"), "cpu")
+    for strategy in ("deepspeed_zero2", "deepspeed_zero3", "fsdp"):  # every strategy grows
+        preflight(grow_cfg(tiny_checkpoint, extended, f"strategy={strategy}"), "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------- the check
@@ -243,7 +242,10 @@ def run_train(work, name, checkpoint, tokenizer, rows, *overrides, nproc=1):
 
 
 @pytest.mark.slow
-def test_train_py_grows_the_checkpoint_single_and_fsdp_give_the_same_losses(work, tiny_checkpoint, extended, rows):
+def test_train_py_grows_the_checkpoint_single_fsdp_and_zero3_give_the_same_losses(work, tiny_checkpoint, extended,
+                                                                                   rows):
+    """FSDP2: rank 0 grows the full model, the other rank builds the grown shape on meta; ZeRO-3: both ranks build
+    the model partitioned and grow only the gathered embedding and head (llama2_sft.grow._grow_partitioned)."""
     from llama2_sft.data.tokenize import fingerprint
     from llama2_sft.inference.load import load_model
 
@@ -259,6 +261,11 @@ def test_train_py_grows_the_checkpoint_single_and_fsdp_give_the_same_losses(work
     reference = losses(single)
     assert len(reference) == 3 and len(set(reference.values())) == 3
     assert_same_losses(reference, losses(fsdp))
+    pytest.importorskip("deepspeed")
+    zero3, done = run_train(work, "zero3", tiny_checkpoint, extended, rows, "strategy=deepspeed_zero3",
+                            "trainer.micro_batch_size=2", nproc=2)
+    assert "vocabulary grown from 1024 to 1280 rows" in done.stderr + done.stdout
+    assert_same_losses(reference, losses(zero3))
 
 
 @pytest.mark.slow
