@@ -9,8 +9,13 @@ A. Tokenization throughput (conversations/s) on the same rows of `llama2_sft.dat
      tokenizer (`SentencePieceBackend`) and through `sentencepiece` directly (the floor of any exact pipeline);
    * ours: `llama2_sft.data.encode_dialogs` alone (batches of 1000), and `prepare_dataset` end to end (JSON ->
      Arrow -> encode -> truncation -> cache) with num_proc 1 and 2, cold caches every repetition.
+   Plain text for continued pretraining (dataset.type=text) on the same words: each row's turns joined into one
+   document (jsonl `text`), so documents/s sits next to conversations/s:
+   * reference: `sentencepiece`, one document per call, BOS + ids + EOS;
+   * ours: `prepare_dataset` with dataset.type=text end to end (JSON -> Arrow -> encode -> pieces -> cache),
+     num_proc 1 and 2.
    Rates per CPU-second (user + system of the process, its threads and workers) are per-core rates, which stay
-   meaningful on a shared machine; wall-clock rates are given too.
+   meaningful on a shared machine; wall-clock rates are given too; tokens per CPU-second as well.
 B. Token efficiency (real tokens / all tokens of `input_ids`) of the batches the real `SFTLoader` yields at
    micro-batch 4, max_length 512 and 4096: random pad-to-longest (the reference), length-grouped, packing; and the
    packing plan's fill next to the best any packer keeping samples whole could reach.
@@ -94,6 +99,9 @@ class Methods:
         work.mkdir(parents=True, exist_ok=True)
         self.jsonl = str(work / "rows.jsonl")
         write_jsonl(rows, self.jsonl)
+        self.documents = ["\n".join(turn["value"] for turn in row["conversations"]) for row in rows]
+        self.text_jsonl = str(work / "documents.jsonl")
+        write_jsonl([{"text": document} for document in self.documents], self.text_jsonl)
         self.builds = 0
 
     def all(self) -> dict:
@@ -101,7 +109,14 @@ class Methods:
         return {**methods, "reference: sentencepiece, one string per call": self.reference_sp,
                 "ours: encode_dialogs (batches of 1000)": self.encode,
                 "ours: prepare_dataset num_proc=1": lambda: self.prepare(1),
-                "ours: prepare_dataset num_proc=2": lambda: self.prepare(2)}
+                "ours: prepare_dataset num_proc=2": lambda: self.prepare(2),
+                "text reference: sentencepiece, one document per call": self.reference_text,
+                "text ours: prepare_dataset type=text num_proc=1": lambda: self.prepare(1, text=True),
+                "text ours: prepare_dataset type=text num_proc=2": lambda: self.prepare(2, text=True)}
+
+    def reference_text(self) -> int:
+        sp = self.sp
+        return sum(len([sp.bos_id(), *sp.encode(document), sp.eos_id()]) for document in self.documents)
 
     def reference_sp(self) -> int:
         sp = self.sp
@@ -118,8 +133,9 @@ class Methods:
         return sum(len(d.input_ids) for start in range(0, len(self.messages), 1000)
                    for d in encode_dialogs(self.tok_dir, self.messages[start: start + 1000]))
 
-    def prepare(self, num_proc: int, max_length: int = 4096, keep: bool = False):
-        """A cold build: fresh token cache and fresh HF datasets cache (JSON -> Arrow is redone)."""
+    def prepare(self, num_proc: int, max_length: int = 4096, keep: bool = False, text: bool = False):
+        """A cold build: fresh token cache and fresh HF datasets cache (JSON -> Arrow is redone); `text`: the
+        documents as a dataset.type=text corpus."""
         import datasets
         from omegaconf import OmegaConf
 
@@ -130,8 +146,9 @@ class Methods:
         run_dir = self.work / f"build-{self.builds}"
         saved, datasets.config.HF_DATASETS_CACHE = datasets.config.HF_DATASETS_CACHE, run_dir / "hf"
         try:
-            cfg = OmegaConf.structured(DatasetConfig(source=self.jsonl, num_proc=num_proc, cache_dir=str(run_dir / "tokens"),
-                                                     max_length=max_length, max_skipped_fraction=1.0))
+            cfg = OmegaConf.structured(DatasetConfig(source=self.text_jsonl if text else self.jsonl, num_proc=num_proc,
+                                                     cache_dir=str(run_dir / "tokens"), max_length=max_length,
+                                                     max_skipped_fraction=1.0, type="text" if text else "chat"))
             prepared = prepare_dataset(cfg, self.tok_dir, self.tok_dir)
         finally:
             datasets.config.HF_DATASETS_CACHE = saved
@@ -182,10 +199,11 @@ def plot(plt, out: dict):
     fig, axes = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [1.2, 1]})
     names = list(out["throughput"])
     rates = [median(r["cpu_rate"] for r in out["throughput"][n]) for n in names]
-    axes[0].barh(names, rates, color=["#999999" if n.startswith("reference") else "#1f77b4" for n in names])
+    axes[0].barh(names, rates, color=["#999999" if "reference" in n else "#2ca02c" if n.startswith("text") else "#1f77b4"
+                                      for n in names])
     axes[0].invert_yaxis()
     axes[0].tick_params(axis="y", labelsize=8)
-    axes[0].set_xlabel("conversations / CPU-second (= per core), median")
+    axes[0].set_xlabel("conversations (text: documents) / CPU-second (= per core), median")
     axes[0].set_title("A. Tokenization throughput", fontsize=10)
     for j, (max_length, per_mode) in enumerate(out["efficiency"].items()):
         values = [100 * median(r["efficiency"] for r in per_mode[m]) for m in MODES]
@@ -247,13 +265,19 @@ def main(argv: list[str] | None = None) -> int:
            "sentencepiece"), "args": vars(args), "tokenizer": tokenizer, "rows": synthetic.describe(rows),
            "tokens_per_sample": {"mean": sum(lengths) / len(lengths), "median": median(lengths), "max": max(lengths)},
            "same_ids_of_500": same, "throughput": throughput, "efficiency": eff, "runtime_s": time.time() - started}
-    header = ["measure", "method", "median [min-max]", f"vs {reference.split(', ')[0]}"]
+    header = ["measure", "method", "median [min-max]",
+              f"vs {reference.split(', ')[0]} (text: vs text reference)"]
     table = []
+    text_reference = next((n for n in throughput if n.startswith("text reference")), None)
     for name, runs in throughput.items():
         rate = median(r["cpu_rate"] for r in runs)
-        table.append(["conversations / CPU-s (per core)", name, spread([r["cpu_rate"] for r in runs], ",.0f"),
-                      f"{rate / base:.2f}x"])
-        table.append(["conversations / s (wall)", name, spread([r["wall_rate"] for r in runs], ",.0f"), ""])
+        unit = "documents" if name.startswith("text") else "conversations"
+        baseline = median(r["cpu_rate"] for r in throughput[text_reference]) if unit == "documents" else base
+        table.append([f"{unit} / CPU-s (per core)", name, spread([r["cpu_rate"] for r in runs], ",.0f"),
+                      f"{rate / baseline:.2f}x"])
+        table.append([f"{unit} / s (wall)", name, spread([r["wall_rate"] for r in runs], ",.0f"), ""])
+        table.append(["tokens / CPU-s (per core)", name,
+                      spread([r["cpu_rate"] * r["tokens"] / len(rows) for r in runs], ",.0f"), ""])
     for max_length, per_mode in eff.items():
         pad = median(r["efficiency"] for r in per_mode[MODES[0]])
         for mode in MODES:

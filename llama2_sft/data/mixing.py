@@ -174,6 +174,8 @@ def prepare_mixture(dataset_cfg: Any, tokenizer: Any, tokenizer_path: str, rank:
     from llama2_sft.data.tokenize import PreparedData, prepare_dataset
 
     entries = mix_entries(dataset_cfg)
+    if rank == 0 and not OmegaConf.is_missing(dataset_cfg, "source") and dataset_cfg.source:
+        log.info("dataset.sources is set: dataset.source=%s is not used", dataset_cfg.source)
     own_eval = bool(dataset_cfg.eval_source)
     prepared = []
     for index, entry in enumerate(entries):
