@@ -18,7 +18,13 @@ What is counted (bytes; T = micro_batch_size x seq_len positions, N = the superv
   the gated product; no S x S matrix: flash / memory-efficient attention), plus the backward's transient gradients;
 * the fused cross-entropy (`trainer.cross_entropy=fused`): the supervised hidden states, their precomputed gradient,
   a `ce_chunk_size` x V fp32 logits chunk, and the head's fp32 gradient when the head trains;
-* a fixed overhead on a GPU (CUDA context, cuBLAS and NCCL workspaces: not in `torch.cuda.max_memory_allocated`).
+* a fixed overhead on a GPU (CUDA context, cuBLAS and NCCL workspaces: not in `torch.cuda.max_memory_allocated`);
+* FSDP with gradient accumulation: the micro-batches that do not sync keep every weight's unsharded gradient in the
+  reduce dtype (fp32) until the last one reduce-scatters them;
+* FSDP CPU offload (`strategy.cpu_offload=true`): the fp32 weight shards, their gradients and AdamW's moments live in
+  host memory (`Estimate.host`; the optimizer steps on the CPU); the device keeps the gathered compute-dtype copies,
+  the fp32 shards of the two layers being copied in for their all-gather, the activations and the gradients on
+  their way out.
 
 The peak is the largest of four moments of a steady-state step (optimizer state present): the end of the forward (all
 checkpoints, the loss's buffers), the first and the last recomputed layer of the backward (gradients grow as the
@@ -113,6 +119,7 @@ class Run:
     precision: str = "bf16"  # fp32 | bf16
     strategy: str = "single"  # single | fsdp (ddp: as single, plus its gradient buckets, not modelled)
     world_size: int = 1  # FSDP shards over this many devices
+    offload: bool = False  # FSDP CPU offload: weight shards, gradients and optimizer state in host memory
     micro_batch_size: int = 4
     seq_len: int = 4096  # positions per row (the longest sample of a padded micro-batch, or the packed row length)
     grad_accum_steps: int = 1
@@ -131,6 +138,8 @@ class Run:
             raise ValueError(f"precision={self.precision!r}: expected fp32 or bf16")
         if self.strategy not in ("single", "fsdp"):
             raise ValueError(f"strategy={self.strategy!r}: expected single or fsdp")
+        if self.offload and self.strategy != "fsdp":
+            raise ValueError("offload models FSDP's CPU offload: strategy='fsdp'")
         if self.method == "qlora" and self.strategy == "fsdp":
             raise ValueError("qlora runs on strategy=single or ddp only (as llama2_sft.config.validate_peft)")
 
@@ -144,6 +153,12 @@ class Estimate:
     trainable_params: int
     components: dict[str, float] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)
+    host: dict[str, float] = field(default_factory=dict)  # bytes in host memory per device's process (offload)
+
+    @property
+    def host_gib(self) -> float:
+        """Host memory this device's process holds in a steady step (offloaded state; not the loading peak)."""
+        return sum(self.host.values()) / GIB
 
     @property
     def peak(self) -> float:
@@ -228,8 +243,6 @@ def estimate(shape: Shape, run: Run) -> Estimate:
     layer_trainable = shape.layer_params if full else adapters / shape.num_layers
     head_trains = full and shape.head_params > 0
     accumulating = run.grad_accum_steps > 1
-    if fsdp and accumulating:
-        raise ValueError("FSDP with grad_accum_steps > 1 keeps unsharded gradients between micro-batches: not modelled")
 
     # --- weights, gradients, optimizer --------------------------------------------------------------------------
     linear = shape.num_layers * shape.layer_linear_params
@@ -244,6 +257,12 @@ def estimate(shape: Shape, run: Run) -> Estimate:
         c["gathered weights"] = compute * (shape.root_params + 2 * (shape.layer_params + adapters / shape.num_layers))
     c["gradients"] = 4 * trainable / shards
     c["optimizer"] = 8 * trainable / shards  # AdamW exp_avg + exp_avg_sq, fp32
+    host = {}
+    if run.offload:  # FSDP's CPUOffloadPolicy: all three live on the host, the device keeps none of them
+        host = {"weights": c.pop("weights"), "gradients": c["gradients"], "optimizer": c.pop("optimizer")}
+        c["weights"], c["optimizer"] = 0, 0
+        c["gradients"] = 0
+        c["offload staging"] = 2 * 4 * (shape.layer_params if full else adapters / shape.num_layers) / shards
     if autocast:  # bf16 copies of the fp32 weights that matmuls read, cached until the forward ends
         c["autocast copies"] = 2 * (linear if full else adapters)
 
@@ -279,7 +298,11 @@ def estimate(shape: Shape, run: Run) -> Estimate:
     head_grad = 4 * vh if head_trains else 0  # fp32, made in the forward by the fused loss
     embed_grad = 4 * shape.embed_params if full else 0
     layer_grads = 4 * layer_trainable / shards
-    if fsdp:  # sharded gradients appear layer by layer; the root's stay unsharded until the backward ends
+    if fsdp and accumulating:  # no-sync micro-batches: every weight's unsharded fp32 gradient, until the last one
+        unsharded = 4 * trainable  # reduce-scatters them (into the sharded gradients, or out to the host)
+        grads = {"forward end": unsharded, "backward, first layer": unsharded, "backward, last layer": unsharded,
+                 "backward end": unsharded + c["gradients"]}
+    elif fsdp:  # sharded gradients appear layer by layer; the root's stay unsharded until the backward ends
         root_unsharded = compute * (vh if head_trains else 0)
         grads = {"forward end": head_grad, "backward, first layer": root_unsharded + layer_grads,
                  "backward, last layer": root_unsharded + shape.num_layers * layer_grads,
@@ -293,11 +316,11 @@ def estimate(shape: Shape, run: Run) -> Estimate:
 
     # --- the moments ---------------------------------------------------------------------------------------------------
     c["overhead"] = GPU_OVERHEAD_BYTES if run.device == "cuda" else 0
-    static = c["weights"] + c.get("gathered weights", 0) + c["optimizer"] + c["overhead"]
+    static = c["weights"] + c.get("gathered weights", 0) + c.get("offload staging", 0) + c["optimizer"] + c["overhead"]
     activations = {"forward end": c.get("autocast copies", 0) + c["checkpoints"] + c["head + loss"],
                    "backward, first layer": first, "backward, last layer": last, "backward end": 0}
     phases = {moment: static + grads[moment] + activations[moment] for moment in grads}
-    return Estimate(shape, run, trainable, c, phases)
+    return Estimate(shape, run, trainable, c, phases, host)
 
 
 def settings_of(cfg: Any, world_size: int = 1, device: str = "cuda", seq_len: int | None = None,
@@ -305,7 +328,9 @@ def settings_of(cfg: Any, world_size: int = 1, device: str = "cuda", seq_len: in
     """The `Run` of a composed training config (strategy by its `_target_`); seq_len defaults to max_length."""
     target = str(cfg.strategy._target_)
     strategy = "fsdp" if "FSDP" in target else "single"
+    offload = strategy == "fsdp" and bool(cfg.strategy.get("cpu_offload", False))
     return Run(method=str(cfg.peft.method), precision=str(cfg.precision), strategy=strategy, world_size=world_size,
+               offload=offload,
                micro_batch_size=int(cfg.trainer.micro_batch_size), seq_len=seq_len or int(cfg.dataset.max_length),
                grad_accum_steps=int(cfg.trainer.grad_accum_steps),
                gradient_checkpointing=bool(cfg.model.gradient_checkpointing), supervised_fraction=supervised_fraction,
