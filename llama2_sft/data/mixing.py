@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 MIX_STOPS = ("first_exhausted", "all_exhausted")
+MAX_DRAWS = 2_000_000_000  # a mix this long is a mistake in the weights (and ~16 GB of indices)
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,13 @@ def mix_draws(sizes: Sequence[int], weights: Sequence[float], seed: int, stop: s
         raise ValueError(f"every source of a mix needs at least one sample (sizes {sizes.tolist()})")
     probabilities = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
     rng = np.random.default_rng([seed, 0x6D6978])  # "mix": a stream of its own, apart from the other seeded draws
-    expected = sizes / probabilities
-    chunk = int(min(max(1024, 1.2 * (expected.min() if stop == "first_exhausted" else expected.max())), 1 << 26))
+    expected = sizes / probabilities  # draws until source i is exhausted, on average
+    needed = expected.min() if stop == "first_exhausted" else expected.max()
+    if needed > MAX_DRAWS:
+        raise ValueError(f"dataset.mix_stop={stop} with weights {list(weights)} over sources of {sizes.tolist()} "
+                         f"samples needs ~{needed:,.0f} draws (more than {MAX_DRAWS:,}): raise the small weights or "
+                         "use first_exhausted")
+    chunk = int(min(max(1024, 1.2 * needed), 1 << 26))
     drawn: list[np.ndarray] = []
     while True:
         drawn.append(rng.choice(len(sizes), size=chunk, p=probabilities))

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import codecs
 import gc
+import io
 import os
-import re
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from llama2_sft.data.chat import IGNORE_INDEX
 
@@ -29,7 +29,6 @@ TEXT_SKIP_REASONS = (
     "bad_text",  # the text field is missing or not a string
     "empty_document",  # blank after stripping whitespace
 )
-_BLANK_LINE = re.compile(r"\r?\n[ \t]*\r?\n")
 
 
 def check_utf8(path: str, block_size: int = 1 << 20) -> None:
@@ -52,10 +51,39 @@ def check_utf8(path: str, block_size: int = 1 << 20) -> None:
             consumed += len(block)
 
 
+def iter_txt_documents(lines: Iterable[str], rule: str) -> Iterator[str]:
+    """The documents of one .txt file, read line by line (bounded memory for any file size): the whole file (rule
+    `file`) or its blocks of lines separated by blank lines (only spaces or tabs)."""
+    block: list[str] = []
+    for line in lines:
+        if rule != "file" and not line.strip(" \t\r\n"):
+            if block:
+                yield from _document("".join(block))
+                block = []
+            continue
+        block.append(line)
+    if block:
+        yield from _document("".join(block))
+
+
+def _document(text: str) -> Iterator[str]:
+    text = text.strip("\r\n")
+    if text.strip():
+        yield text
+
+
 def txt_documents(text: str, rule: str) -> list[str]:
-    """The documents of one .txt file's text: the whole (rule `file`) or its blank-line-separated blocks."""
-    blocks = [text] if rule == "file" else _BLANK_LINE.split(text)
-    return [block.strip("\r\n") for block in blocks if block.strip()]
+    """The documents of one .txt file's text (see `iter_txt_documents`)."""
+    return list(iter_txt_documents(io.StringIO(text, newline=None), rule))
+
+
+def _txt_rows(paths: list[str], rule: str, identity: dict) -> Iterator[dict]:
+    """Rows {id, text} of .txt files (`identity`, the files' sizes and mtimes, keys the datasets cache)."""
+    del identity
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            for k, document in enumerate(iter_txt_documents(handle, rule)):
+                yield {"id": f"{os.path.basename(path)}#{k}", "text": document}
 
 
 def _expand(source: str) -> list[str] | None:
@@ -100,22 +128,26 @@ def load_documents(source: Any, text_field: str = "text", txt_rule: str = "blank
         for path in files:
             if not path.endswith(".parquet"):
                 check_utf8(path)  # parquet strings are UTF-8 by construction
-        if txt:
-            ids, texts = [], []
-            for path in txt:
-                with open(path, encoding="utf-8") as handle:
-                    documents = txt_documents(handle.read(), str(txt_rule))
-                ids += [f"{os.path.basename(path)}#{k}" for k in range(len(documents))]
-                texts += documents
-            parts.append(datasets.Dataset.from_dict({"id": ids, "text": texts},
-                                                    features=datasets.Features({"id": datasets.Value("string"),
-                                                                                "text": datasets.Value("string")})))
+        if txt:  # streamed into Arrow (datasets' cache), never held whole in memory
+            from llama2_sft.data.sources import source_identity
+
+            identity = source_identity(txt, None, TEXT_FILE_FORMATS)
+            if next(_txt_rows(txt, str(txt_rule), identity), None) is not None:  # Arrow needs one row
+                parts.append(datasets.Dataset.from_generator(
+                    _txt_rows, features=TEXT_FEATURES(),
+                    gen_kwargs={"paths": txt, "rule": str(txt_rule), "identity": identity}))
         if rows:
             parts.append(_text_columns(_load_files(rows), text_field, ", ".join(rows[:3])))
-    documents = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    documents = (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)) if parts else []
     if len(documents) == 0:
         raise ValueError(f"text corpus {source}: no document (empty files, or only blank lines)")
     return documents
+
+
+def TEXT_FEATURES():  # noqa: N802 - a constant that imports datasets lazily
+    import datasets
+
+    return datasets.Features({"id": datasets.Value("string"), "text": datasets.Value("string")})
 
 
 def _text_columns(rows: Any, text_field: str, where: str):
@@ -132,7 +164,7 @@ def _text_columns(rows: Any, text_field: str, where: str):
         rows = rows.rename_column(text_field, "text")
     if "id" not in rows.column_names:
         rows = rows.add_column("id", [None] * len(rows))
-    return rows.cast(datasets.Features({"id": datasets.Value("string"), "text": datasets.Value("string")}))
+    return rows.cast(TEXT_FEATURES())
 
 
 def document_pieces(ids: list[int], max_length: int) -> list[list[int]]:

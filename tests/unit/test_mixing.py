@@ -54,6 +54,11 @@ def test_all_exhausted_uses_every_sample_and_repeats_the_small_sources():
     assert counts[2] > 5 * sizes[2]
 
 
+def test_a_mix_that_would_never_end_fails_naming_the_weights():
+    with pytest.raises(ValueError, match=r"all_exhausted with weights \[1000000000.0, 1.0\].*raise the small weights"):
+        mix_draws([10, 10_000], [1e9, 1.0], 0, "all_exhausted")
+
+
 def test_the_mix_is_a_function_of_the_seed():
     a = mix_indices([500, 700], [1, 2], 11, "first_exhausted")
     b = mix_indices([500, 700], [1, 2], 11, "first_exhausted")

@@ -177,3 +177,11 @@ def test_the_txt_rule_is_part_of_the_cache_key_and_eval_holds_out_whole_document
     eval_docs = {r.split("/")[0] for r in blocks.eval["id"]}
     assert len(eval_docs) == 10 and not train_docs & eval_docs and len(train_docs | eval_docs) == 50
     assert np.all(np.asarray(blocks.train["length"]) <= 64)
+
+
+def test_an_edited_txt_file_is_read_again_not_taken_from_a_stale_arrow_cache(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("one\n\ntwo\n", encoding="utf-8")
+    assert load_documents(str(path))["text"] == ["one", "two"]
+    path.write_text("uno\n\ndos\n\ntres\n", encoding="utf-8")
+    assert load_documents(str(path))["text"] == ["uno", "dos", "tres"]
