@@ -159,13 +159,17 @@ class SFTLoader:
 
     def state_dict(self) -> dict:
         layout = self.layout
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed,
-                "global_batch_units": layout.global_batch_units, "num_units": len(self.plan),
-                "layout": [layout.micro_batch_size, layout.grad_accum_steps, layout.world_size]}
+        state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed,
+                 "global_batch_units": layout.global_batch_units, "num_units": len(self.plan),
+                 "layout": [layout.micro_batch_size, layout.grad_accum_steps, layout.world_size]}
+        if hasattr(self.dataset, "digest"):  # a mix (data.mixing): which samples it drew
+            state["mix"] = self.dataset.digest
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "num_units"):
-            current = self.state_dict()[key]
+        mix = ("mix",) if "mix" in state or hasattr(self.dataset, "digest") else ()
+        for key in ("seed", "num_units", *mix):
+            current = self.state_dict().get(key)
             if state.get(key) != current:
                 raise ValueError(f"cannot resume the data loader: checkpoint has {key}={state.get(key)}, this run {current}")
         self.epoch = int(state["epoch"])
