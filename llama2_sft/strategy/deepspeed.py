@@ -3,6 +3,7 @@ is no hand-kept JSON to drift; the torch optimizer built by `optimizer._target_`
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -208,5 +209,7 @@ def universal_checkpoint(directory: str, saved_world: int, ctx: DistContext) -> 
                 f"convert it yourself: python -m deepspeed.checkpoint.ds_to_universal --input_folder "
                 f"{directory}/deepspeed --output_folder {final}") from error
         os.replace(tmp, final)
+        with contextlib.suppress(FileNotFoundError):  # the converter's pointer, naming the temporary folder
+            os.remove(os.path.join(directory, "latest_universal"))
     barrier()
     return UNIVERSAL_TAG
