@@ -23,7 +23,7 @@ from llama2_sft.config import CONF_DIR, FREE_TEXT_KEYS, free_text_argv, register
 def _batch(cfg: DictConfig, generator, sampling, system: str | None) -> None:
     from tqdm import tqdm
 
-    from llama2_sft.inference.generate import generate_ids
+    from llama2_sft.inference.generate import decode_reply, generate_ids
 
     with open(cfg.input, encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
@@ -42,7 +42,7 @@ def _batch(cfg: DictConfig, generator, sampling, system: str | None) -> None:
             ids = generate_ids(generator.model, prompts[start: start + cfg.batch_size], pad_id=tokenizer.pad_token_id,
                                eos_id=tokenizer.eos_token_id, sampling=sampling, device=generator.device)
             for row, answer in zip(rows[start: start + cfg.batch_size], ids):
-                row = dict(row, response=tokenizer.decode(answer, skip_special_tokens=True).strip())
+                row = dict(row, response=decode_reply(tokenizer, answer).strip())  # as a streamed reply reads
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
     print(f"wrote {len(rows)} answers to {cfg.output}")
 

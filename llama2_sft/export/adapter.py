@@ -18,7 +18,8 @@ import shutil
 
 import torch
 
-from llama2_sft.inference.load import AdapterState, check_base, locate_base
+from llama2_sft.grow import piece_count
+from llama2_sft.inference.load import AdapterState, check_base, locate_grown_base
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,15 @@ def _check_base_if_present(adapters: AdapterState) -> None:
     """The adapters are written without loading the base; where it is on this machine its architecture is checked,
     and a base that stock transformers cannot load (a run of this repo) gets a hint."""
     try:
-        _, kind, config = locate_base(adapters)
+        _, kind, config, growth = locate_grown_base(adapters)
     except ValueError:
         log.info("base %s is not on this machine: its architecture is not checked", adapters.base)
         return
     check_base(adapters, config)
+    if growth is not None:
+        log.warning("the run grew the base's vocabulary from %d to %d pieces (its tokenizer is in the export): before "
+                    "PeftModel.from_pretrained, call base.resize_token_embeddings(len(tokenizer)) with that tokenizer; "
+                    "embed_tokens and lm_head are then replaced by the trained ones", piece_count(growth[0]), growth[2])
     if kind != "hf":
         log.warning("base %s is a run of this repo (%s), which stock transformers cannot load: export it with "
                     "python -m llama2_sft.export ckpt=%s format=hf out=BASE_DIR and export the adapters again with "

@@ -273,10 +273,7 @@ def _base_model(adapters: AdapterState):
 
     from llama2_sft.grow import grow_model
 
-    base_path, base_kind, config = locate_base(adapters)
-    growth = _vocabulary_growth(adapters, base_path, config)
-    if growth is not None:  # the run grew the base to its extended tokenizer at load (llama2_sft.grow): so do we
-        config.vocab_size = growth[2]
+    base_path, base_kind, config, growth = locate_grown_base(adapters)
     check_base(adapters, config)
     if base_kind in ("dcp", "deepspeed"):  # a run of this repo (itself possibly a LoRA run, merged recursively)
         model = load_model(base_path, device="cpu", dtype="fp32").model
@@ -300,6 +297,16 @@ def _vocabulary_growth(adapters: AdapterState, base_path: str, config: Any) -> t
         return None
     size = piece_count(own)
     return (base_sp, own, size) if size > int(config.vocab_size) else None
+
+
+def locate_grown_base(adapters: AdapterState) -> tuple[str, str, Any, tuple[str, str, int] | None]:
+    """`locate_base`, with the config grown to the run's vocabulary when training grew the base (llama2_sft.grow):
+    the architecture the adapters were trained on. The last item is `_vocabulary_growth`'s (None: no growth)."""
+    base_path, base_kind, config = locate_base(adapters)
+    growth = _vocabulary_growth(adapters, base_path, config)
+    if growth is not None:
+        config.vocab_size = growth[2]
+    return base_path, base_kind, config, growth
 
 
 def locate_base(adapters: AdapterState) -> tuple[str, str, Any]:
