@@ -1,4 +1,5 @@
-"""Plain-text corpora for continued pretraining: documents -> `BOS ids EOS` -> row-sized pieces, the loss on every token.
+"""Plain-text corpora for continued pretraining: documents -> `BOS ids EOS` -> row-sized pieces, the loss on every
+token.
 
 Where documents come from (`dataset.type=text`):
   * `.txt` files: one document per block of lines separated by blank lines (`dataset.txt_documents=blank_lines`,
@@ -155,7 +156,8 @@ def _text_columns(rows: Any, text_field: str, where: str):
     import datasets
 
     if text_field not in rows.column_names:
-        raise ValueError(f"{where}: rows have no {text_field!r} field (dataset.text_field; columns: {rows.column_names})")
+        raise ValueError(f"{where}: rows have no {text_field!r} field (dataset.text_field; "
+                         f"columns: {rows.column_names})")
     kind = rows.features[text_field]
     if not (isinstance(kind, datasets.Value) and kind.dtype in ("string", "large_string")):
         raise ValueError(f"{where}: field {text_field!r} (dataset.text_field) holds {kind}, not text")
