@@ -152,6 +152,10 @@ class TorchStrategy(Strategy):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
+        if not os.path.isdir(os.path.join(directory, "model_optim")):
+            other = " (it holds a DeepSpeed checkpoint, deepspeed/: resume it with strategy=deepspeed_zero2 or " \
+                    "deepspeed_zero3)" if os.path.isdir(os.path.join(directory, "deepspeed")) else ""
+            raise ValueError(f"{directory}: no torch.distributed.checkpoint state (model_optim/) to resume from{other}")
         state = self._state()
         with quiet_single_process():
             dcp.load(state, checkpoint_id=os.path.join(directory, "model_optim"))

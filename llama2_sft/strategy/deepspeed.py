@@ -132,8 +132,15 @@ class DeepSpeedStrategy(Strategy):
         """Restore a ZeRO checkpoint; one written on another number of ranks goes through DeepSpeed's universal
         checkpoint (converted once, next to the original, by `universal_checkpoint`)."""
         tag = "deepspeed"
-        saved_world = zero_world_size(os.path.join(directory, tag))
-        universal = saved_world is not None and saved_world != self.ctx.world_size
+        if not os.path.isdir(os.path.join(directory, tag)):
+            other = " (it holds torch.distributed.checkpoint state, model_optim/: resume it with strategy=single, ddp " \
+                    "or fsdp)" if os.path.isdir(os.path.join(directory, "model_optim")) else ""
+            raise ValueError(f"{directory}: no DeepSpeed checkpoint (deepspeed/) to resume from{other}")
+        saved_world, saved_stage = zero_world_size(os.path.join(directory, tag)), zero_stage(os.path.join(directory, tag))
+        if saved_stage != self.stage:  # DeepSpeed's universal checkpoint keeps the stage's file layout
+            raise ValueError(f"{directory}: written with ZeRO-{saved_stage}, this run is ZeRO-{self.stage}: resume it "
+                             f"with strategy=deepspeed_zero{saved_stage} (on any number of ranks)")
+        universal = saved_world != self.ctx.world_size
         if universal:
             tag = universal_checkpoint(directory, saved_world, self.ctx)
         self.engine._config.load_universal_checkpoint = universal  # read by load_checkpoint only
@@ -177,6 +184,12 @@ def zero_world_size(folder: str) -> int | None:
         return None
     ranks = {name for name in os.listdir(folder) if name.endswith("_optim_states.pt") and "zero_pp_rank_" in name}
     return len(ranks) or None
+
+
+def zero_stage(folder: str) -> int:
+    """The ZeRO stage a checkpoint folder was written with: ZeRO-3 keeps one model-states file per rank."""
+    return 3 if any(name.startswith("zero_pp_rank_") and name.endswith("_model_states.pt") for name in os.listdir(folder)) \
+        else 2
 
 
 def universal_checkpoint(directory: str, saved_world: int, ctx: DistContext) -> str:

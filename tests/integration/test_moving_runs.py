@@ -244,3 +244,20 @@ def test_the_one_gpu_offload_recipe_keeps_the_reference_batch_and_states_the_mem
     # offloading moves exactly the weights, gradients and optimizer state the device would hold to the host
     assert without.host_gib == 0
     assert sum(without.components[k] for k in ("weights", "gradients", "optimizer")) == pytest.approx(sum(host.values()))
+
+
+def test_a_checkpoint_of_the_other_strategy_family_fails_saying_which_strategies_resume_it(tmp_path):
+    from llama2_sft.strategy.deepspeed import DeepSpeedStrategy
+    from llama2_sft.strategy.single import SingleDeviceStrategy
+
+    zero2 = tmp_path / "zero2"
+    (zero2 / "deepspeed").mkdir(parents=True)
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):  # ZeRO-2's layout
+        (zero2 / "deepspeed" / name).write_bytes(b"")
+    with pytest.raises(ValueError, match="deepspeed/: resume it with strategy=deepspeed_zero2 or deepspeed_zero3"):
+        SingleDeviceStrategy().load(str(zero2))
+    with pytest.raises(ValueError, match="written with ZeRO-2, this run is ZeRO-3: .*strategy=deepspeed_zero2"):
+        DeepSpeedStrategy(stage=3).load(str(zero2))
+    (tmp_path / "dcp" / "model_optim").mkdir(parents=True)
+    with pytest.raises(ValueError, match="model_optim/: resume it with strategy=single, ddp or fsdp"):
+        DeepSpeedStrategy(stage=3).load(str(tmp_path / "dcp"))
