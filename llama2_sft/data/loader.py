@@ -181,9 +181,9 @@ class SFTLoader:
         now = f"{self.layout.micro_batch_size}x{self.layout.grad_accum_steps}x{self.layout.world_size}"
         if not self.allow_batch_change:
             raise ValueError(
-                f"resuming would change the global batch from {saved_units} units (micro_batch_size x grad_accum_steps x "
-                f"world size = {saved}) to {units} ({now}): keep micro x accum x world at {saved_units}, or set "
-                "resume_batch_change=allow to continue at the same sample position with the new global batch")
+                f"resuming would change the global batch (global_batch_units) from {saved_units} (micro_batch_size x "
+                f"grad_accum_steps x world size = {saved}) to {units} ({now}): keep micro x accum x world at "
+                f"{saved_units}, or set resume_batch_change=allow to continue at the same sample position")
         # The same position in the epoch's order, rounded up to a whole batch: no unit is trained twice per epoch.
         # (With dataset.group_by_length the order itself depends on the global batch, so it is a new order.)
         self.step_in_epoch = -(-self.step_in_epoch * saved_units // units)

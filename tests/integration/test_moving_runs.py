@@ -187,7 +187,7 @@ def loader_for(micro: int, accum: int, world: int, allow: bool = False):
 def test_a_resume_that_changes_the_global_batch_fails_naming_both():
     saved = loader_for(4, 1, 2)  # 8 samples per step
     saved.step_in_epoch = 3
-    with pytest.raises(ValueError, match=r"from 8 units \(.* = 4x1x2\) to 4 \(2x1x2\).*resume_batch_change=allow"):
+    with pytest.raises(ValueError, match=r"from 8 \(.* = 4x1x2\) to 4 \(2x1x2\).*resume_batch_change=allow"):
         loader_for(2, 1, 2).load_state_dict(saved.state_dict())
 
 
