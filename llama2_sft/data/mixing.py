@@ -162,6 +162,11 @@ class MixedSamples:
                 "source_supervised_tokens": {n: int(c) for n, c in zip(self.names, supervised)}}
 
 
+def label_rows(rows: Any, entry: MixEntry):
+    """`rows` with the columns `source` (the entry's name) and `type` (chat / text) added (in memory)."""
+    return rows.add_column("source", [entry.name] * len(rows)).add_column("type", [entry.type] * len(rows))
+
+
 def _source_cfg(dataset_cfg: Any, entry: MixEntry, source: Any, eval_fraction: float) -> DictConfig:
     """The dataset config one source is prepared (and cached) with: the shared keys, its own source and type."""
     base = dataset_cfg if isinstance(dataset_cfg, DictConfig) else OmegaConf.structured(dataset_cfg)
@@ -174,7 +179,8 @@ def prepare_mixture(dataset_cfg: Any, tokenizer: Any, tokenizer_path: str, rank:
     """Prepare every source of `dataset.sources` (each its own cache), then mix their train splits by weight.
 
     The eval split is `dataset.eval_source` when set (prepared as the mix's default type), else the per-source
-    held-out splits (`dataset.eval_fraction` of each), chat sources first so that held-out answers are dialogs."""
+    held-out splits (`dataset.eval_fraction` of each), chat sources first, each row labelled with its `source` and
+    `type` (so the validator reports a loss per source and scores answers on chat rows only)."""
     import datasets
 
     from llama2_sft.data.tokenize import PreparedData, prepare_dataset
@@ -199,8 +205,10 @@ def prepare_mixture(dataset_cfg: Any, tokenizer: Any, tokenizer_path: str, rank:
         eval_set = prepare_dataset(_source_cfg(dataset_cfg, eval_entry, dataset_cfg.eval_source, 0.0), tokenizer,
                                    tokenizer_path, rank=rank, poll_seconds=poll_seconds).train
     else:
+        # each row labelled with its source and type: eval_loss/NAME per source, accuracy on chat rows only
         order = sorted(range(len(entries)), key=lambda i: entries[i].type != "chat")
-        evals = [prepared[i].eval for i in order if prepared[i].eval is not None and len(prepared[i].eval)]
+        evals = [label_rows(prepared[i].eval, entries[i]) for i in order
+                 if prepared[i].eval is not None and len(prepared[i].eval)]
         eval_set = datasets.concatenate_datasets(evals) if len(evals) > 1 else (evals[0] if evals else None)
     drawn = np.bincount(source_of, minlength=len(entries))
     mix = {e.name: {"weight": e.weight, "type": e.type, "samples": sizes[i], "drawn": int(drawn[i]),

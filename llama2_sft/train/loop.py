@@ -71,7 +71,8 @@ class Trainer:
             strategy, ctx, tokenizer, eval_set, self.metrics, eval_steps=trainer.eval_steps,
             batch_size=trainer.eval_batch_size, max_samples=trainer.eval_max_samples,
             generate_samples=trainer.generate_samples, accuracy_samples=trainer.accuracy_samples,
-            max_new_tokens=trainer.max_new_tokens, fused_loss=self.fused_loss, varlen=self.varlen)
+            max_new_tokens=trainer.max_new_tokens, fused_loss=self.fused_loss, varlen=self.varlen,
+            eval_type=str(cfg.dataset.type))  # rows of this type unless the eval set has a `type` column (a mix)
         stateful = {}
         if uses_adapters(cfg.peft):  # a LoRA checkpoint holds only the adapters: it must resume onto the same base
             stateful["base"] = BaseReference(cfg.model.name_or_path, cfg.model.revision, model.config)
