@@ -110,10 +110,10 @@ class _ChatService:
         async for _ in stream:
             pass
         result = dict(stream.result)
-        for stop in stops:
-            if stop and stop in result["text"]:
-                result["text"] = result["text"][: result["text"].index(stop)]
-                result["finish_reason"] = "stop"
+        cut = min((result["text"].index(stop) for stop in stops if stop and stop in result["text"]), default=None)
+        if cut is not None:  # at the earliest stop string, as the stream cuts
+            result["text"] = result["text"][:cut]
+            result["finish_reason"] = "stop"
         return result
 
 
@@ -220,7 +220,7 @@ async def _sse(stream: ChatStream, request: Request, stops: list[str], completio
             await asyncio.sleep(0.2)
 
     watcher = asyncio.create_task(watch_disconnect())
-    sent = ""
+    text, sent = "", 0  # the reply so far, and how much of it was sent
     stopped = False  # a stop string was reached: nothing after it is sent
     try:
         yield chunk({"role": "assistant", "content": ""})
@@ -228,17 +228,20 @@ async def _sse(stream: ChatStream, request: Request, stops: list[str], completio
             async for piece in stream:
                 if stopped:
                     continue
-                # cut at the first stop string: nothing after it is sent
-                candidate = sent + piece
-                cut = min((candidate.index(s) for s in stops if s and s in candidate), default=None)
-                if cut is not None:
-                    if cut > len(sent):
-                        yield chunk({"content": candidate[len(sent):cut]})
+                text += piece
+                cut = min((text.index(s) for s in stops if s and s in text), default=None)
+                if cut is not None:  # nothing from the first stop string on is sent
+                    if cut > sent:
+                        yield chunk({"content": text[sent:cut]})
                     stopped = True
                     stream.cancel()  # enough: stop generating, then read on to the end of the stream
                     continue
-                yield chunk({"content": piece})
-                sent = candidate
+                ready = len(text) - _stop_prefix_length(text, stops)  # a stop string may be starting: hold it back
+                if ready > sent:
+                    yield chunk({"content": text[sent:ready]})
+                    sent = ready
+            if not stopped and len(text) > sent:
+                yield chunk({"content": text[sent:]})
         except Exception as error:  # noqa: BLE001 - reported to the client as an error event
             yield f"data: {json.dumps({'error': {'message': str(error)}})}\n\n"
         else:
@@ -253,3 +256,14 @@ async def _sse(stream: ChatStream, request: Request, stops: list[str], completio
     finally:
         stream.cancel()  # client gone (or finished): stop the generation; the worker frees the slot
         watcher.cancel()
+
+
+def _stop_prefix_length(text: str, stops: list[str]) -> int:
+    """The length of the longest end of `text` that is the start of a stop string (0 when none)."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest

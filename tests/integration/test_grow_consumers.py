@@ -345,6 +345,26 @@ def test_infer_api_and_demo_stream_the_scripted_reply_as_sentencepiece_decodes_i
     assert not any("\ufffd" in value for value in values)
 
 
+
+def test_a_stop_string_spanning_streamed_pieces_is_never_sent(scripted):
+    """The API's stream holds back text that may start a stop string: streamed and whole replies agree."""
+    from fastapi.testclient import TestClient
+
+    from llama2_sft.serve.api import ServeSettings, create_app
+
+    loaded, reply = scripted
+    client = TestClient(create_app(loaded, ServeSettings(system_prompt=None)))
+    body = {"messages": [{"role": "user", "content": "你好"}], "temperature": 0, "max_tokens": len(reply) + 4}
+    for stop, expected in (("文，𝄞", "我们学习中"), (["ok朋", "€o"], "我们学习中文，𝄞"), ("¿x", SCRIPT)):
+        whole = client.post("/v1/chat/completions", json=dict(body, stop=stop)).json()
+        assert whole["choices"][0]["message"]["content"] == expected
+        with client.stream("POST", "/v1/chat/completions", json=dict(body, stop=stop, stream=True)) as response:
+            lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+        events = [json.loads(line[6:])["choices"][0] for line in lines[:-1]]
+        assert "".join(event["delta"].get("content", "") for event in events).strip() == expected, stop
+        assert events[-1]["finish_reason"] == "stop"
+
+
 # ---------------------------------------------------------------------------------------------------- GGUF export
 @pytest.fixture(scope="module")
 def gguf_files(grown_run, scripted, work) -> dict[str, str]:
