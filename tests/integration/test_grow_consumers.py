@@ -406,7 +406,12 @@ def test_gguf_of_a_grown_model_holds_the_merged_vocabulary_with_its_scores_and_t
     assert rows["token_embd.weight"][1] == rows["output.weight"][1] == 1280
 
 
-def test_llama_cpp_tokenizes_the_merged_vocabulary_as_sentencepiece(gguf_files, extended, sp, llama_cpp):
+def test_llama_cpp_tokenizes_the_merged_vocabulary_as_sentencepiece_and_chats_as_encode_dialog(gguf_files, extended,
+                                                                                               sp, hf_extended,
+                                                                                               llama_cpp):
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from llama2_sft.data.chat import generation_prompt
     from tests.integration.test_gguf import _open
 
     proto = proto_of(os.path.join(extended, "tokenizer.model"))
@@ -419,6 +424,15 @@ def test_llama_cpp_tokenizes_the_merged_vocabulary_as_sentencepiece(gguf_files, 
             decoded = sp.decode(ids)  # llama.cpp may keep the dummy-prefix space SentencePiece drops
             assert llama.detokenize(ids).decode("utf-8") in (decoded, " " + decoded), text
         assert sum(any(i >= BASE_SIZE for i in sp.encode(text)) for text in TEXTS) >= 10
+        # The embedded chat template, rendered as llama-cpp-python's chat handler does, gives encode_dialog's ids.
+        formatter = Jinja2ChatFormatter(template=llama.metadata["tokenizer.chat_template"], eos_token="</s>",
+                                        bos_token="<s>")
+        for name, messages in DIALOGS.items():
+            messages = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+            rendered = formatter(messages=messages)
+            ids = llama.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
+            # Except where a user typed "</s>": llama.cpp, as transformers, reads it as the control token.
+            assert (ids == generation_prompt(hf_extended, messages, None)) == (name != "literal_control"), name
 
 
 def test_f16_greedy_tokens_of_grown_models_equal_transformers(gguf_files, grown_run, scripted, sp, llama_cpp):
