@@ -201,6 +201,9 @@ def prepare_mixture(dataset_cfg: Any, tokenizer: Any, tokenizer_path: str, rank:
                                              str(dataset_cfg.mix_stop))
     train = MixedSamples([p.train for p in prepared], [e.name for e in entries], source_of, index_in_source)
     if own_eval:
+        if rank == 0:
+            log.info("dataset.eval_source is set: one eval loss over it (eval_loss per source needs each source's own "
+                     "held-out split: dataset.eval_source=null, dataset.eval_fraction > 0)")
         eval_entry = MixEntry("eval", dataset_cfg.eval_source, 1.0, str(dataset_cfg.type))
         eval_set = prepare_dataset(_source_cfg(dataset_cfg, eval_entry, dataset_cfg.eval_source, 0.0), tokenizer,
                                    tokenizer_path, rank=rank, poll_seconds=poll_seconds).train
