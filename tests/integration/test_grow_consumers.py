@@ -31,7 +31,8 @@ from sentencepiece import sentencepiece_model_pb2  # noqa: E402
 
 from llama2_sft.data import encode_dialog  # noqa: E402
 from tests.unit.test_chat import meta_reference  # noqa: E402
-from tests.unit.test_vocab import ENGLISH, MIXED, chinese_sentences, train_rows_with_chinese, vocab_config  # noqa: E402
+from tests.unit.test_vocab import (ENGLISH, MIXED, chinese_sentences, llama2_dir,  # noqa: E402,F401 (a fixture)
+                                   train_rows_with_chinese, vocab_config)
 
 pytestmark = pytest.mark.slow
 
@@ -464,3 +465,49 @@ def test_f16_greedy_tokens_of_grown_models_equal_transformers(gguf_files, grown_
     decided = next((step for step, margin in enumerate(margins) if margin <= 2 * error), len(margins))
     print(f"grown f16: max |logit diff| {error:.2e}, greedy steps decided by more than 2x that: {decided}/8")
     assert got[:decided] == want[:decided]
+
+
+# ---------------------------------------------------------------------------------------------------- real Llama-2
+@pytest.fixture(scope="module")
+def real_merged(llama2_dir, work, extended) -> Path:
+    """The real 32k Llama-2 vocabulary (rebuilt by tests/assets/make_llama2_tokenizer.py) with the same Chinese pieces
+    merged in, and a tiny random Llama of that vocabulary saved with it (the tokenizer is what is tested)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from llama2_sft.vocab import build_vocabulary
+
+    out = work / "llama2_zh"
+    build_vocabulary(vocab_config(base=str(llama2_dir), corpus=[str(work / "zh.txt"), str(work / "chat.jsonl")],
+                                  out=str(out)))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, **TINY_ARCH)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def test_on_the_merged_real_llama2_vocabulary_encode_dialog_is_the_meta_reference(real_merged):
+    from transformers import AutoTokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(real_merged / "tokenizer.model"))
+    assert sp.get_piece_size() > 32000 and sp.encode("Hello world") == [15043, 3186]
+    tokenizer = AutoTokenizer.from_pretrained(real_merged)
+    for name, messages in DIALOGS.items():
+        encoded = encode_dialog(tokenizer, messages)
+        assert (encoded.input_ids, encoded.labels) == meta_reference(sp, messages), name
+        assert any(i >= 32000 for i in encoded.input_ids) == (name != "english"), name
+
+
+def test_llama_cpp_tokenizes_the_merged_real_llama2_vocabulary_as_sentencepiece(real_merged, work, llama_cpp):
+    from llama2_sft.export.gguf import export_gguf
+    from llama2_sft.inference.load import load_model
+    from tests.integration.test_gguf import _open
+
+    sp = spm.SentencePieceProcessor(model_file=str(real_merged / "tokenizer.model"))
+    proto = proto_of(real_merged / "tokenizer.model")
+    new_texts = [piece.piece.replace("\u2581", " ") for piece in proto.pieces[32000:] if piece.type == NORMAL]
+    path = export_gguf(load_model(str(real_merged), "cpu", "fp32"), str(work / "llama2_zh.gguf"), "f16")
+    with _open(llama_cpp, path) as llama:
+        assert llama.n_vocab() == sp.get_piece_size()
+        for text in TEXTS + chinese_sentences(50, seed=5) + new_texts:
+            assert llama.tokenize(text.encode("utf-8"), add_bos=False, special=False) == sp.encode(text), text
