@@ -1,5 +1,5 @@
-"""A run moves: FSDP2 and ZeRO-3 run in one process, a run stopped (or signalled) on N ranks continues on M, and the
-per-step losses equal the uninterrupted one-process run's.
+"""A run moves: FSDP2 and ZeRO-3 run in one process, a run stopped, signalled or SIGKILLed on N ranks continues on M,
+and the per-step losses equal the uninterrupted one-process run's.
 
 Every run is `train.py` for real on the tiny Llama (fp32, CPU, gloo): plain `python train.py` for one process (no
 torchrun), torchrun for two. One global batch of 4 packed rows throughout (4 x 1 x 1 or 2 x 1 x 2), 10 steps.
@@ -130,10 +130,20 @@ def test_one_process_fsdp2_signalled_continues_on_two_ranks_with_the_uninterrupt
 
 
 @pytest.mark.slow
-def test_fsdp2_stopped_on_two_ranks_continues_in_one_process_with_the_uninterrupted_losses(workdir, tiny_checkpoint,
-                                                                                          reference):
-    output_dir, _ = run_train(workdir, tiny_checkpoint, "fsdp-2-1", args("fsdp", 2, "trainer.stop_after_steps=3"), nproc=2)
-    assert checkpoint_state(output_dir)["step"] == 3
+def test_fsdp2_sigkilled_on_two_ranks_continues_in_one_process_with_the_uninterrupted_losses(workdir, tiny_checkpoint,
+                                                                                            reference):
+    """SIGKILL to torchrun and both workers after step 2 (a checkpoint every step): one process continues from the
+    last complete checkpoint, re-running any lost step."""
+    output_dir = workdir / "fsdp-2-1"
+    process = start_train(workdir, tiny_checkpoint, "fsdp-2-1", args("fsdp", 2, "trainer.save_steps=1"), nproc=2)
+    wait_for_step(process, output_dir, 2)
+    workers = [worker_pid(process.pid, rank) for rank in (0, 1)]  # they outlive a SIGKILLed torchrun
+    for pid in (*workers, process.pid):
+        os.kill(pid, signal.SIGKILL)
+    output, _ = process.communicate(timeout=300)
+    killed_at = checkpoint_state(output_dir)
+    assert killed_at["world_size"] == 2 and 1 <= killed_at["step"] < STEPS, \
+        f"the run ended before the kill: make it longer\n{output[-3000:]}"
     run_train(workdir, tiny_checkpoint, "fsdp-2-1", args("fsdp", 1))
     assert_same_losses(reference, final_losses(output_dir))
 
