@@ -171,7 +171,7 @@ def test_hf_export_of_a_grown_run_loads_in_stock_transformers_with_the_runs_logi
     assert model.get_input_embeddings().weight.shape[0] == model.get_output_embeddings().weight.shape[0] == 1280
     torch.testing.assert_close(logits_of(model, ids), expected, rtol=0, atol=1e-5)
     trained_rows = model.get_input_embeddings().weight[BASE_SIZE:]
-    assert not torch.equal(trained_rows, load_base_grown_rows(grown_run))  # the new rows were trained, and exported
+    assert not torch.equal(trained_rows, initial_new_rows(loaded.train_config))  # trained, and exported
 
     for name, messages in DIALOGS.items():
         rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -187,13 +187,12 @@ def test_hf_export_of_a_grown_run_loads_in_stock_transformers_with_the_runs_logi
         assert got == sp.encode(text.lstrip(" ")), text
 
 
-def load_base_grown_rows(run) -> torch.Tensor:
-    """The new embedding rows as growing initialised them (before training), from the run's base."""
+def initial_new_rows(saved) -> torch.Tensor:
+    """The new embedding rows as growing initialised them before training, from the base of a run's config."""
     from transformers import AutoModelForCausalLM
 
     from llama2_sft.grow import grow_model
 
-    saved = load(run).train_config
     base = AutoModelForCausalLM.from_pretrained(saved.model.name_or_path, dtype=torch.float32)
     grown = grow_model(base, os.path.join(saved.model.name_or_path, "tokenizer.model"),
                        os.path.join(saved.model.tokenizer, "tokenizer.model"))
