@@ -166,28 +166,35 @@ def step_records(output_dir) -> dict[int, dict]:
     return {r["step"]: r for r in records(output_dir) if "loss" in r}
 
 
-def test_a_stopped_and_resumed_mixed_run_repeats_the_uninterrupted_losses_and_source_counts(corpus, tiny_checkpoint):
+def test_a_mixed_run_resumed_from_a_checkpoint_repeats_the_uninterrupted_losses_and_source_counts(corpus,
+                                                                                                   tiny_checkpoint):
+    """A fresh process resumes the uninterrupted run's step-2 checkpoint into another output_dir (a stop writes the same
+    checkpoint; tests/integration/test_training_parity.py covers stop_after_steps itself): the mix is rebuilt from the
+    config, and the loader continues with the exact next global batch."""
     sources = ("[{source: %s, weight: 3, name: chat}, {source: %s, weight: 1, name: zh, type: text}]"
                % (corpus / "chat.jsonl", corpus / "zh.txt"))
     common = [f"dataset.sources={sources}", "dataset.source=null", f"dataset.eval_fraction={EVAL_FRACTION}",
               "dataset.max_length=64", "dataset.packing=true", "dataset.mix_stop=all_exhausted",
               "trainer.micro_batch_size=2", "trainer.grad_accum_steps=2", "trainer.max_steps=5", "trainer.save_steps=2",
-              "trainer.save_total_limit=1", "trainer.eval_max_samples=0"]
+              "trainer.save_total_limit=3", "trainer.eval_max_samples=0"]
     straight, _ = run_train(corpus, tiny_checkpoint, "straight", common, rows="chat.jsonl")
-    stopped, _ = run_train(corpus, tiny_checkpoint, "resumed", [*common, "trainer.stop_after_steps=3"], rows="chat.jsonl")
-    assert sorted(step_records(stopped)) == [1, 2, 3]
-    resumed, done = run_train(corpus, tiny_checkpoint, "resumed", common, rows="chat.jsonl")
+    checkpoint = straight / "checkpoints" / "step_00000002"
+    assert checkpoint.is_dir()
+    resumed, done = run_train(corpus, tiny_checkpoint, "resumed", [*common, f"resume={checkpoint}"], rows="chat.jsonl")
     assert "resumed from" in done.stderr + done.stdout
 
     expected, got = step_records(straight), step_records(resumed)
-    assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5]
-    for step, record in expected.items():
-        assert got[step]["loss"] == record["loss"], step  # exactly: the same batches, RNG and optimizer state
-        assert got[step]["source_samples"] == record["source_samples"], step
-        assert got[step]["source_supervised_tokens"] == record["source_supervised_tokens"], step
+    assert sorted(expected) == [1, 2, 3, 4, 5] and sorted(got) == [3, 4, 5]
+    for step, record in got.items():
+        assert record["loss"] == expected[step]["loss"], step  # exactly: the same batches, RNG and optimizer state
+        assert record["source_samples"] == expected[step]["source_samples"], step
+        assert record["source_supervised_tokens"] == expected[step]["source_supervised_tokens"], step
+    for record in expected.values():
         assert sum(record["source_supervised_tokens"].values()) == record["num_supervised_tokens"]
-    assert any(r["source_samples"]["zh"] for r in expected.values())  # both sources are trained
+    assert any(r["source_samples"]["zh"] for r in got.values())  # both sources are trained after the resume
 
-    # the eval records (at the start and the end) carry a loss per source
+    # the eval records (at the start and the end) carry a loss per source; the final ones agree
     evals = [r for r in records(straight) if "eval_loss" in r]
     assert len(evals) == 2 and all({"eval_loss/chat", "eval_loss/zh"} <= set(r) for r in evals)
+    (final,) = [r for r in records(resumed) if "eval_loss" in r]
+    assert final["eval_loss/zh"] == evals[-1]["eval_loss/zh"]
