@@ -47,6 +47,9 @@ class PreemptionWatch:
         if threading.current_thread() is threading.main_thread():  # Python allows handlers in the main thread only
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
+                # Restart system calls the signal interrupts (Python's default makes them fail with EINTR), so a
+                # collective blocked in a socket call (gloo) is not broken by it; the handler runs right after.
+                signal.siginterrupt(sig, False)
         return self
 
     def __exit__(self, *exc_info) -> None:
