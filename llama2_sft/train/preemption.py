@@ -47,8 +47,8 @@ class PreemptionWatch:
         if threading.current_thread() is threading.main_thread():  # Python allows handlers in the main thread only
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
-                # Restart system calls the signal interrupts (Python's default makes them fail with EINTR), so a
-                # collective blocked in a socket call (gloo) is not broken by it; the handler runs right after.
+                # Restart system calls the signal interrupts (Python's default makes them fail with EINTR): a
+                # library blocked in one (a collective's socket wait) carries on; the handler runs right after.
                 signal.siginterrupt(sig, False)
         return self
 
