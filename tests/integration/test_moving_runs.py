@@ -115,7 +115,7 @@ def test_one_process_fsdp2_signalled_continues_on_two_ranks_with_the_uninterrupt
     output_dir = workdir / "fsdp-1-2"
     process = start_train(workdir, tiny_checkpoint, "fsdp-1-2", args("fsdp", 1, "strategy.cpu_offload=true"),
                           env={"SLURM_JOB_ID": "4242", "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}"})
-    wait_for_step(process, output_dir, 2)
+    wait_for_step(process, output_dir, 1)  # as early as possible: the signal must land before the 10th step
     process.send_signal(signal.SIGUSR1)
     process.send_signal(signal.SIGTERM)  # a second signal: ignored, the save is not interrupted
     output, _ = process.communicate(timeout=300)
@@ -167,7 +167,7 @@ def test_zero3_signalled_on_one_of_two_ranks_stops_both_and_continues_in_one_pro
     of that step is complete, the workers exit 75; one process continues from it."""
     output_dir = workdir / "zero3-2-1"
     process = start_train(workdir, tiny_checkpoint, "zero3-2-1", args("deepspeed_zero3", 2), nproc=2)
-    wait_for_step(process, output_dir, 2)
+    wait_for_step(process, output_dir, 1)  # as early as possible: the signal must land before the 10th step
     os.kill(worker_pid(process.pid, rank=1), signal.SIGTERM)
     output, _ = process.communicate(timeout=300)
     assert process.returncode != 0 and "exitcode: 75" in output, output[-3000:]  # torchrun reports its workers'
