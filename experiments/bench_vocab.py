@@ -17,8 +17,9 @@ saves in tokens, in truncation at 4096, and in training time per character of su
    tokens covering a Chinese character (ideographs, CJK punctuation: `llama2_sft.vocab.CHINESE`) per Chinese
    character, over all rows; on the English-dominant rows, all other tokens (words, numbers, punctuation, code) per
    English word (a run of Latin letters).
-3. Truncation at 4096. The realistic rows are short (median ~520 bytes, at most 12.5 KB), so almost none reaches 4096
-   tokens with either vocabulary; long conversations are built from them to make the question meaningful: for each
+3. Truncation at 4096. The realistic rows are short (median ~0.9 KB per JSON line), so a fraction of a percent
+   reaches 4096 tokens (`tokens.*.over_max_length` in the JSON); long conversations are built from them to make the
+   question meaningful: for each
    long row a target is drawn log-uniformly between 1,024 and 16,384 tokens of the base vocabulary, and the (user,
    assistant) pairs of consecutive synthetic rows (seed 2) of one language are appended until an estimate of its
    length (the turns encoded alone, plus 10 tokens of template per turn) reaches it; half the rows are
