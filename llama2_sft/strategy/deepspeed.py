@@ -195,9 +195,10 @@ def zero_stage(folder: str) -> int:
 def universal_checkpoint(directory: str, saved_world: int, ctx: DistContext) -> str:
     """Convert `directory/deepspeed` (ZeRO-2/3 on `saved_world` ranks) into DeepSpeed's universal checkpoint in
     `directory/deepspeed_universal` (rank 0, atomically; reused when there) and return its tag."""
-    from llama2_sft.distributed import barrier
+    from llama2_sft.distributed import all_reduce_max
 
     final = os.path.join(directory, UNIVERSAL_TAG)
+    error = None
     if ctx.is_main and not os.path.isdir(final):
         import argparse
         import logging
@@ -214,15 +215,18 @@ def universal_checkpoint(directory: str, saved_world: int, ctx: DistContext) -> 
                                   inject_missing_state=True)  # ZeRO-2 saves carry no universal_checkpoint_info
         try:
             ds_to_universal.main(args)
-        except Exception as error:
+            os.replace(tmp, final)
+            with contextlib.suppress(FileNotFoundError):  # the converter's pointer, naming the temporary folder
+                os.remove(os.path.join(directory, "latest_universal"))
+        except Exception as failure:  # noqa: BLE001 - any converter failure: say how to go on, on every rank
             shutil.rmtree(tmp, ignore_errors=True)
-            raise ValueError(
+            error = ValueError(
                 f"{directory}: this DeepSpeed checkpoint was written on {saved_world} ranks and cannot be converted to "
-                f"resume on {ctx.world_size} ({type(error).__name__}: {error}). Resume it on {saved_world} ranks, or "
-                f"convert it yourself: python -m deepspeed.checkpoint.ds_to_universal --input_folder "
-                f"{directory}/deepspeed --output_folder {final}") from error
-        os.replace(tmp, final)
-        with contextlib.suppress(FileNotFoundError):  # the converter's pointer, naming the temporary folder
-            os.remove(os.path.join(directory, "latest_universal"))
-    barrier()
+                f"resume on {ctx.world_size} ({type(failure).__name__}: {failure}). Resume it on {saved_world} ranks, "
+                f"or convert it yourself: python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state "
+                f"--input_folder {directory}/deepspeed --output_folder {final}")
+            error.__cause__ = failure
+    # a collective (the other ranks wait here for the conversion), which also tells them whether it failed
+    if all_reduce_max(int(error is not None), ctx.device):
+        raise error or ValueError(f"{directory}: rank 0 could not convert the DeepSpeed checkpoint (see its log)")
     return UNIVERSAL_TAG

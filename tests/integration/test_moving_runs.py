@@ -271,3 +271,17 @@ def test_a_checkpoint_of_the_other_strategy_family_fails_saying_which_strategies
     (tmp_path / "dcp" / "model_optim").mkdir(parents=True)
     with pytest.raises(ValueError, match="model_optim/: resume it with strategy=single, ddp or fsdp"):
         DeepSpeedStrategy(stage=3).load(str(tmp_path / "dcp"))
+
+
+def test_a_zero_checkpoint_that_cannot_be_converted_fails_saying_how_to_go_on(tmp_path):
+    from llama2_sft.distributed import DistContext
+    from llama2_sft.strategy.deepspeed import universal_checkpoint
+
+    (tmp_path / "deepspeed").mkdir()
+    for rank in range(2):  # two ranks' files, unreadable
+        (tmp_path / "deepspeed" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"not a checkpoint")
+        (tmp_path / "deepspeed" / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"written on 2 ranks and cannot be converted to resume on 1 .*Resume it on 2 "
+                                         r"ranks, or convert it yourself: python -m deepspeed.checkpoint.ds_to_universal"):
+        universal_checkpoint(str(tmp_path), 2, DistContext())
+    assert sorted(os.listdir(tmp_path)) == ["deepspeed"]  # no half-converted folder left
