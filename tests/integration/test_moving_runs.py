@@ -21,12 +21,13 @@ from tests.conftest import REPO
 from tests.integration.test_crash_safety import final_losses, last_logged_step
 from tests.integration.test_training_parity import assert_same_losses, free_port, losses, run_train
 
-STEPS = 10
+STEPS = 30  # the uninterrupted run; a run that is signalled or killed is given LONG steps, so that however late the
+LONG = 300  # signal lands it stops inside the reference's steps (a constant learning rate makes max_steps irrelevant)
 
 
-def args(strategy: str, nproc: int, *extra: str) -> list[str]:
-    return [f"strategy={strategy}", f"trainer.micro_batch_size={4 // nproc}", f"trainer.max_steps={STEPS}",
-            "dataset.packing=true", "trainer.save_total_limit=2", *extra]
+def args(strategy: str, nproc: int, *extra: str, steps: int = STEPS) -> list[str]:
+    return [f"strategy={strategy}", f"trainer.micro_batch_size={4 // nproc}", f"trainer.max_steps={steps}",
+            "scheduler.name=constant", "dataset.packing=true", "trainer.save_total_limit=2", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +114,9 @@ def test_one_process_fsdp2_signalled_continues_on_two_ranks_with_the_uninterrupt
     (fake_bin / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     (fake_bin / "scontrol").chmod(0o755)
     output_dir = workdir / "fsdp-1-2"
-    process = start_train(workdir, tiny_checkpoint, "fsdp-1-2", args("fsdp", 1, "strategy.cpu_offload=true"),
+    process = start_train(workdir, tiny_checkpoint, "fsdp-1-2", args("fsdp", 1, "strategy.cpu_offload=true", steps=LONG),
                           env={"SLURM_JOB_ID": "4242", "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}"})
-    wait_for_step(process, output_dir, 1)  # as early as possible: the signal must land before the 10th step
+    wait_for_step(process, output_dir, 1)  # early: the signal must land before step STEPS
     process.send_signal(signal.SIGUSR1)
     process.send_signal(signal.SIGTERM)  # a second signal: ignored, the save is not interrupted
     output, _ = process.communicate(timeout=300)
@@ -135,7 +136,7 @@ def test_fsdp2_sigkilled_on_two_ranks_continues_in_one_process_with_the_uninterr
     """SIGKILL to torchrun and both workers after step 2 (a checkpoint every step): one process continues from the
     last complete checkpoint, re-running any lost step."""
     output_dir = workdir / "fsdp-2-1"
-    process = start_train(workdir, tiny_checkpoint, "fsdp-2-1", args("fsdp", 2, "trainer.save_steps=1"), nproc=2)
+    process = start_train(workdir, tiny_checkpoint, "fsdp-2-1", args("fsdp", 2, "trainer.save_steps=1", steps=LONG), nproc=2)
     wait_for_step(process, output_dir, 2)
     workers = [worker_pid(process.pid, rank) for rank in (0, 1)]  # they outlive a SIGKILLed torchrun
     for pid in (*workers, process.pid):
@@ -166,8 +167,8 @@ def test_zero3_signalled_on_one_of_two_ranks_stops_both_and_continues_in_one_pro
     """SIGTERM reaches rank 1 only: both ranks agree to stop after the step (the flag is all-reduced), the checkpoint
     of that step is complete, the workers exit 75; one process continues from it."""
     output_dir = workdir / "zero3-2-1"
-    process = start_train(workdir, tiny_checkpoint, "zero3-2-1", args("deepspeed_zero3", 2), nproc=2)
-    wait_for_step(process, output_dir, 1)  # as early as possible: the signal must land before the 10th step
+    process = start_train(workdir, tiny_checkpoint, "zero3-2-1", args("deepspeed_zero3", 2, steps=LONG), nproc=2)
+    wait_for_step(process, output_dir, 1)  # early: the signal must land before step STEPS
     os.kill(worker_pid(process.pid, rank=1), signal.SIGTERM)
     output, _ = process.communicate(timeout=300)
     assert process.returncode != 0 and "exitcode: 75" in output, output[-3000:]  # torchrun reports its workers'
