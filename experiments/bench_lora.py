@@ -250,8 +250,8 @@ def rss_worker(spec_path: str) -> None:
 
     log_step = metrics.MetricsWriter.log_step
 
-    def logged(self, result, lr, seconds, totals):
-        record = log_step(self, result, lr, seconds, totals)
+    def logged(self, result, lr, seconds, totals, **kwargs):
+        record = log_step(self, result, lr, seconds, totals, **kwargs)
         state["records"].append({"step": totals["step"], "loss": result.loss, "num_tokens": result.num_tokens,
                                  "num_supervised_tokens": result.num_supervised_tokens,
                                  "row_length": result.row_length, "step_seconds": seconds,
