@@ -105,14 +105,15 @@ def storage_measured(base: Path, work: Path, threads: int) -> dict:
     for method in METHODS:
         run_dir = work / f"storage-{method}"
         # the step-2 checkpoint is complete once step 3 is logged; the run is ended there
-        run_train(base_overrides(base, method) + data_overrides(work, 256) + [
-            "trainer.micro_batch_size=2", "trainer.save_steps=2", "trainer.max_steps=4"], run_dir, 3, threads, True)
+        records = run_train(base_overrides(base, method) + data_overrides(work, 256) + [
+            "trainer.micro_batch_size=2", "trainer.save_steps=2", "trainer.max_steps=4"], run_dir, 3, threads, True)["records"]
         checkpoint = run_dir / "checkpoints" / "step_00000002"
         if not (checkpoint / "COMPLETE").exists():
             raise RuntimeError(f"{method}: no complete checkpoint at {checkpoint}")
         log = (run_dir / "train.log").read_text()
         out[method] = {"checkpoint_bytes": du_bytes(checkpoint), "model_optim_bytes": du_bytes(checkpoint / "model_optim"),
-                       "trainable_params": _trainable_from_state(checkpoint), "log_tail": log[-300:]}
+                       "trainable_params": _trainable_from_state(checkpoint), "log_tail": log[-300:],
+                       "step_seconds": [r["step_seconds"] for r in records]}
         shutil.rmtree(run_dir, ignore_errors=True)
     return out
 
@@ -339,6 +340,15 @@ def step_times(base: Path, work: Path, args: argparse.Namespace) -> dict:
     return out
 
 
+def quick_step_times(storage: dict, args: argparse.Namespace) -> dict:
+    """--quick: the step times of the tiny storage runs (2 rows of 256 tokens), the first --warmup steps dropped."""
+    args.time_shape, args.rows, args.seq = "tiny", 2, 256
+    full = median(storage["full"]["step_seconds"][args.warmup:])
+    return {method: {"step_seconds": median(entry["step_seconds"][args.warmup:]),
+                     "per_rep": [entry["step_seconds"][args.warmup:]],
+                     "vs_full": median(entry["step_seconds"][args.warmup:]) / full} for method, entry in storage.items()}
+
+
 def plot(plt, out: dict):
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
     cases = out["memory"]
@@ -385,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         bases = {shape: save_base(shape, work / f"base-{shape}") for shape in sorted(shapes)}
         storage = storage_measured(bases["tiny"], work, args.threads)
         memory = memory_check(bases, work, args)
-        timing = step_times(bases[args.time_shape], work, args)
+        # --quick (a plumbing check) times the storage runs' steps instead of running three more processes
+        timing = quick_step_times(storage, args) if args.quick else step_times(bases[args.time_shape], work, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     computed = storage_computed_7b()
