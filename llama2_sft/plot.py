@@ -3,8 +3,8 @@
     python -m llama2_sft.plot outputs/embedded                                  # -> outputs/embedded/curves.png
     python -m llama2_sft.plot outputs/packed outputs/padded out=compare.png     # several runs overlaid
 
-Four panels against the optimizer step: train loss (solid) and eval loss (dots), learning rate, tokens/s, and the
-held-out exact-match accuracy where a run measured it. Training writes `output_dir/curves.png` at its end (rank 0).
+Four panels against the optimizer step: train loss (solid) and eval loss (dots; hollow markers: each source's eval
+loss in a mix), learning rate, tokens/s, and the held-out exact-match accuracy where a run measured it. Training writes `output_dir/curves.png` at its end (rank 0).
 """
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ import os
 import sys
 
 METRICS = "metrics.jsonl"
+SERIES = ("loss", "lr", "tokens_per_s", "eval_loss", "eval_accuracy")  # and `eval_loss/NAME` of a mix's sources
+SOURCE_MARKERS = "s^vD<>p*"
 CURVES = "curves.png"
 
 
 def read_metrics(run: str) -> dict[str, list[tuple[int, float]]]:
-    """(step, value) series of a run: train `loss`, `lr`, `tokens_per_s`, `eval_loss`, `eval_accuracy`. A step logged
+    """(step, value) series of a run: train `loss`, `lr`, `tokens_per_s`, `eval_loss` (and `eval_loss/NAME` per source
+    of a mix), `eval_accuracy`. A step logged
     twice (a run resumed after a crash re-runs the steps after its checkpoint) keeps its last record."""
     path = run if run.endswith(".jsonl") else os.path.join(run, METRICS)
     if not os.path.isfile(path):
@@ -32,9 +35,9 @@ def read_metrics(run: str) -> dict[str, list[tuple[int, float]]]:
                 if line.endswith("\n"):  # a torn last line of a killed run is expected; anything else is not
                     raise ValueError(f"{path}:{number}: not JSON: {error}") from error
                 continue
-            for key in ("loss", "lr", "tokens_per_s", "eval_loss", "eval_accuracy"):
-                if record.get(key) is not None:
-                    latest.setdefault(key, {})[int(record["step"])] = float(record[key])
+            for key, value in record.items():
+                if value is not None and (key in SERIES or key.startswith("eval_loss/")):
+                    latest.setdefault(key, {})[int(record["step"])] = float(value)
     return {key: sorted(values.items()) for key, values in latest.items()}
 
 
@@ -59,6 +62,11 @@ def plot_runs(runs: dict[str, dict], out: str) -> str:
                 axis.plot(*zip(*points), color=color, linewidth=1.2, label=label)
             if key == "loss" and series.get("eval_loss"):
                 axis.plot(*zip(*series["eval_loss"]), "o", color=color, markersize=5)
+            if key == "loss":  # a mix: each source's eval loss, one marker per source
+                sources = sorted(k for k in series if k.startswith("eval_loss/"))
+                for marker, name in zip(SOURCE_MARKERS * len(sources), sources):
+                    axis.plot(*zip(*series[name]), marker, color=color, markersize=4, fillstyle="none",
+                              label=f"{label}: eval {name.split('/', 1)[1]}")
     for axis in axes[1]:
         axis.set_xlabel("optimizer step")
     axes.flat[0].legend(fontsize=8)

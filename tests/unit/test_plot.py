@@ -46,3 +46,14 @@ def test_several_runs_are_drawn_into_one_png(tmp_path):
     assert main([a, b, f"out={out}"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     assert plot_runs({"a": read_metrics(a)}, str(tmp_path / "one.png")).endswith("one.png")
+
+
+def test_a_mixs_per_source_eval_losses_are_read_and_drawn_and_its_count_dicts_ignored(tmp_path):
+    records = [{"step": 1, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 10.0, "source_samples": {"chat": 3, "zh": 1}},
+               {"step": 1, "eval_loss": 1.5, "eval_loss/chat": 1.0, "eval_loss/zh": 3.0},
+               {"step": 2, "eval_loss": 1.25, "eval_loss/chat": 0.75, "eval_loss/zh": 2.5}]
+    run = write_run(tmp_path / "mix", records)
+    series = read_metrics(run)
+    assert series["eval_loss/chat"] == [(1, 1.0), (2, 0.75)] and series["eval_loss/zh"] == [(1, 3.0), (2, 2.5)]
+    assert not any(key.startswith("source_") for key in series)
+    assert main([run]) == 0 and (tmp_path / "mix" / "curves.png").stat().st_size > 10_000
