@@ -269,14 +269,19 @@ def test_train_py_grows_the_checkpoint_single_fsdp_and_zero3_give_the_same_losse
 
 
 @pytest.mark.slow
-def test_a_lora_run_grows_its_base_and_loads_merged_with_the_grown_vocabulary(work, tiny_checkpoint, extended, rows):
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_a_lora_run_grows_its_base_and_loads_merged_with_the_grown_vocabulary(work, tiny_checkpoint, extended, rows,
+                                                                              method):
+    """LoRA and QLoRA (NF4 base; embed_tokens and lm_head stay unquantized and are trained fully)."""
     from llama2_sft.inference.load import load_model
 
     pytest.importorskip("peft")
-    run, _ = run_train(work, "lora", tiny_checkpoint, extended, rows, "trainer.max_steps=2", "peft=lora",
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    run, _ = run_train(work, method, tiny_checkpoint, extended, rows, "trainer.max_steps=2", f"peft={method}",
                        "peft.modules_to_save=[embed_tokens,lm_head]")
     loaded = load_model(str(run), device="cpu", dtype="fp32")  # rebuilds the base, grows it, merges the adapters
-    assert loaded.kind == "dcp+lora" and loaded.model.config.vocab_size == len(loaded.tokenizer) == 1280
+    assert loaded.kind == f"dcp+{method}" and loaded.model.config.vocab_size == len(loaded.tokenizer) == 1280
     trained = loaded.adapters.trainable
     assert torch.equal(loaded.model.model.embed_tokens.weight, trained["model.embed_tokens.weight"])
     assert torch.equal(loaded.model.lm_head.weight, trained["lm_head.weight"])
