@@ -25,9 +25,13 @@ STEPS = 30  # the uninterrupted run; a run that is signalled or killed is given 
 LONG = 300  # signal lands it stops inside the reference's steps (a constant learning rate makes max_steps irrelevant)
 
 
-def args(strategy: str, nproc: int, *extra: str, steps: int = STEPS) -> list[str]:
+EVAL_ROWS = 17  # odd: two ranks get 9 and 8 held-out rows, so they must still run the same number of eval batches
+
+
+def args(workdir, strategy: str, nproc: int, *extra: str, steps: int = STEPS) -> list[str]:
     return [f"strategy={strategy}", f"trainer.micro_batch_size={4 // nproc}", f"trainer.max_steps={steps}",
-            "scheduler.name=constant", "dataset.packing=true", "trainer.save_total_limit=2", *extra]
+            "scheduler.name=constant", "dataset.packing=true", "trainer.save_total_limit=2",
+            f"dataset.eval_source={workdir / 'eval.jsonl'}", "trainer.eval_steps=10", "trainer.eval_batch_size=2", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +39,38 @@ def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("moving")
     with open(os.path.join(REPO, "data", "train.jsonl"), encoding="utf-8") as handle:
         (root / "rows.jsonl").write_text("".join(next(handle) for _ in range(64)), encoding="utf-8")
+        (root / "eval.jsonl").write_text("".join(next(handle) for _ in range(EVAL_ROWS)), encoding="utf-8")
     return root
 
 
 @pytest.fixture(scope="module")
 def reference(workdir, tiny_checkpoint) -> dict[int, float]:
     """The uninterrupted run: strategy=single, one process."""
-    output_dir, _ = run_train(workdir, tiny_checkpoint, "reference", args("single", 1))
+    output_dir, _ = run_train(workdir, tiny_checkpoint, "reference", args(workdir, "single", 1))
     expected = losses(output_dir)
     assert len(expected) == STEPS and len(set(expected.values())) == STEPS  # it learns: every step differs
     return expected
+
+
+@pytest.fixture(scope="module")
+def reference_eval(workdir, reference) -> dict[int, float]:
+    """The uninterrupted run's eval losses by step."""
+    expected = eval_losses(workdir / "reference")
+    assert sorted(expected) == [0, 10, 20, STEPS]
+    return expected
+
+
+def eval_losses(output_dir) -> dict[int, float]:
+    with open(os.path.join(output_dir, "metrics.jsonl")) as handle:
+        return {r["step"]: r["eval_loss"] for r in map(json.loads, handle) if r.get("eval_loss") is not None}
+
+
+def assert_same_eval_losses(output_dir, reference_eval) -> None:
+    """The evals a moved run made (on 1 or 2 ranks, over the same 17 held-out rows) give the reference's eval loss.
+    Before every rank ran the same number of eval batches, FSDP2 / ZeRO-3 on 2 ranks hung in the first eval here."""
+    got = eval_losses(output_dir)
+    assert got and set(got) <= set(reference_eval), (got, reference_eval)
+    assert_same_losses({step: reference_eval[step] for step in got}, got)
 
 
 def checkpoint_state(output_dir) -> dict:
@@ -104,7 +130,7 @@ def assert_stopped_by_signal(output_dir, output: str) -> int:
 
 @pytest.mark.slow
 def test_one_process_fsdp2_signalled_continues_on_two_ranks_with_the_uninterrupted_losses(workdir, tiny_checkpoint,
-                                                                                           reference):
+                                                                                           reference, reference_eval):
     """Plain `python train.py strategy=fsdp strategy.cpu_offload=true` (a one-process group, state on the host);
     SIGUSR1 then SIGTERM during the step: the step ends, a checkpoint of it is written, scontrol requeue is called (a
     fake one, in a fake SLURM job), exit 75; then torchrun with 2 ranks, no offload, continues (DCP reshards)."""
@@ -114,7 +140,7 @@ def test_one_process_fsdp2_signalled_continues_on_two_ranks_with_the_uninterrupt
     (fake_bin / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     (fake_bin / "scontrol").chmod(0o755)
     output_dir = workdir / "fsdp-1-2"
-    process = start_train(workdir, tiny_checkpoint, "fsdp-1-2", args("fsdp", 1, "strategy.cpu_offload=true", steps=LONG),
+    process = start_train(workdir, tiny_checkpoint, "fsdp-1-2", args(workdir, "fsdp", 1, "strategy.cpu_offload=true", steps=LONG),
                           env={"SLURM_JOB_ID": "4242", "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}"})
     wait_for_step(process, output_dir, 1)  # early: the signal must land before step STEPS
     process.send_signal(signal.SIGUSR1)
@@ -125,9 +151,10 @@ def test_one_process_fsdp2_signalled_continues_on_two_ranks_with_the_uninterrupt
     assert calls.read_text() == "requeue 4242\n"
     assert checkpoint_state(output_dir)["world_size"] == 1
 
-    run_train(workdir, tiny_checkpoint, "fsdp-1-2", args("fsdp", 2), nproc=2)
+    run_train(workdir, tiny_checkpoint, "fsdp-1-2", args(workdir, "fsdp", 2), nproc=2)
     assert checkpoint_state(output_dir)["world_size"] == 2 and checkpoint_state(output_dir)["step"] == STEPS
     assert_same_losses(reference, final_losses(output_dir))
+    assert_same_eval_losses(output_dir, reference_eval)
 
 
 @pytest.mark.slow
@@ -136,7 +163,7 @@ def test_fsdp2_sigkilled_on_two_ranks_continues_in_one_process_with_the_uninterr
     """SIGKILL to torchrun and both workers after step 2 (a checkpoint every step): one process continues from the
     last complete checkpoint, re-running any lost step."""
     output_dir = workdir / "fsdp-2-1"
-    process = start_train(workdir, tiny_checkpoint, "fsdp-2-1", args("fsdp", 2, "trainer.save_steps=1", steps=LONG), nproc=2)
+    process = start_train(workdir, tiny_checkpoint, "fsdp-2-1", args(workdir, "fsdp", 2, "trainer.save_steps=1", steps=LONG), nproc=2)
     wait_for_step(process, output_dir, 2)
     workers = [worker_pid(process.pid, rank) for rank in (0, 1)]  # they outlive a SIGKILLed torchrun
     for pid in (*workers, process.pid):
@@ -145,21 +172,22 @@ def test_fsdp2_sigkilled_on_two_ranks_continues_in_one_process_with_the_uninterr
     killed_at = checkpoint_state(output_dir)
     assert killed_at["world_size"] == 2 and 1 <= killed_at["step"] < STEPS, \
         f"the run ended before the kill: make it longer\n{output[-3000:]}"
-    run_train(workdir, tiny_checkpoint, "fsdp-2-1", args("fsdp", 1))
+    run_train(workdir, tiny_checkpoint, "fsdp-2-1", args(workdir, "fsdp", 1))
     assert_same_losses(reference, final_losses(output_dir))
 
 
 @pytest.mark.slow
 def test_one_process_zero3_stopped_continues_on_two_ranks_with_the_uninterrupted_losses(workdir, tiny_checkpoint,
-                                                                                       reference):
+                                                                                       reference, reference_eval):
     """One-process ZeRO-3 (plain python, no torchrun) gives single's losses; 2 ranks continue through DeepSpeed's
     universal checkpoint (converted automatically: the saved run had 1 rank)."""
-    output_dir, _ = run_train(workdir, tiny_checkpoint, "zero3-1-2", args("deepspeed_zero3", 1, "trainer.stop_after_steps=3"))
+    output_dir, _ = run_train(workdir, tiny_checkpoint, "zero3-1-2", args(workdir, "deepspeed_zero3", 1, "trainer.stop_after_steps=3"))
     assert_same_losses({s: reference[s] for s in (1, 2, 3)}, losses(output_dir))
-    run_train(workdir, tiny_checkpoint, "zero3-1-2", args("deepspeed_zero3", 2), nproc=2)
+    run_train(workdir, tiny_checkpoint, "zero3-1-2", args(workdir, "deepspeed_zero3", 2), nproc=2)
     converted = output_dir / "checkpoints" / "step_00000003"
     assert os.path.isdir(converted / "deepspeed_universal") and not os.path.exists(converted / "latest_universal")
     assert_same_losses(reference, final_losses(output_dir))
+    assert_same_eval_losses(output_dir, reference_eval)
 
 
 @pytest.mark.slow
@@ -167,13 +195,13 @@ def test_zero3_signalled_on_one_of_two_ranks_stops_both_and_continues_in_one_pro
     """SIGTERM reaches rank 1 only: both ranks agree to stop after the step (the flag is all-reduced), the checkpoint
     of that step is complete, the workers exit 75; one process continues from it."""
     output_dir = workdir / "zero3-2-1"
-    process = start_train(workdir, tiny_checkpoint, "zero3-2-1", args("deepspeed_zero3", 2, steps=LONG), nproc=2)
+    process = start_train(workdir, tiny_checkpoint, "zero3-2-1", args(workdir, "deepspeed_zero3", 2, steps=LONG), nproc=2)
     wait_for_step(process, output_dir, 1)  # early: the signal must land before step STEPS
     os.kill(worker_pid(process.pid, rank=1), signal.SIGTERM)
     output, _ = process.communicate(timeout=300)
     assert process.returncode != 0 and "exitcode: 75" in output, output[-3000:]  # torchrun reports its workers'
     assert_stopped_by_signal(output_dir, output)
-    run_train(workdir, tiny_checkpoint, "zero3-2-1", args("deepspeed_zero3", 1))
+    run_train(workdir, tiny_checkpoint, "zero3-2-1", args(workdir, "deepspeed_zero3", 1))
     assert_same_losses(reference, final_losses(output_dir))
 
 
