@@ -54,6 +54,30 @@ def tiny_checkpoint(tmp_path_factory, hf_tokenizer, tokenizer_dir) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def chinese_corpus(tmp_path_factory) -> list[str]:
+    """Chinese text for a vocabulary extension: generated sentences (.txt) and the Chinese chat rows of
+    data/train.jsonl (.jsonl)."""
+    from tests.unit.test_vocab import chinese_sentences, train_rows_with_chinese
+
+    folder = tmp_path_factory.mktemp("chinese_corpus")
+    (folder / "zh.txt").write_text("\n".join(chinese_sentences(2500, seed=0)) + "\n", encoding="utf-8")
+    (folder / "chat.jsonl").write_text("\n".join(train_rows_with_chinese()) + "\n", encoding="utf-8")
+    return [str(folder / "zh.txt"), str(folder / "chat.jsonl")]
+
+
+@pytest.fixture(scope="session")
+def extended_vocab(tmp_path_factory, tokenizer_dir, chinese_corpus) -> dict:
+    """The bundled tokenizer extended with Chinese pieces by llama2_sft.vocab (1,024 -> 1,280 with the padding):
+    {"out": its directory, "report": build_vocabulary's report, "model": its tokenizer.model}. Read it, never write."""
+    from llama2_sft.vocab import build_vocabulary
+    from tests.unit.test_vocab import vocab_config
+
+    out = tmp_path_factory.mktemp("extended_vocab")
+    report = build_vocabulary(vocab_config(base=tokenizer_dir, corpus=chinese_corpus, out=str(out)))
+    return {"out": out, "report": report, "model": out / "tokenizer.model"}
+
+
 def make_row(row_id, turns, instruction=""):
     """A ShareGPT row from (from, value) pairs."""
     return {"id": row_id, "conversations": [{"from": f, "value": v} for f, v in turns], "instruction": instruction}

@@ -4,7 +4,7 @@ and generate, and llama.cpp tokenizes plain text and the embedded chat template'
 encode_dialog do.
 
 llama-cpp-python builds llama.cpp from source (minutes): CI installs it with
-    CMAKE_ARGS="-DGGML_NATIVE=OFF" python -m pip install -c .ci/constraints.txt llama-cpp-python==0.3.36
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" python -m pip install -c .ci/constraints.txt llama-cpp-python==0.3.36
 Without it the llama.cpp tests skip (saying so); the file-format tests still run."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tests.conftest import REPO, TINY_ARCH, TOKENIZER_DIR
 
 pytestmark = pytest.mark.slow
 
-INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=OFF" python -m pip install -c .ci/constraints.txt llama-cpp-python==0.3.36'
+INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" python -m pip install -c .ci/constraints.txt llama-cpp-python==0.3.36'
 QUANTS = ("f16", "q8_0", "q4_0")
 N_NEW = 16
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3 加 4 等于几？"},

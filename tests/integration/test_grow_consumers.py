@@ -27,17 +27,16 @@ import torch
 from tests.conftest import REPO, TINY_ARCH
 
 spm = pytest.importorskip("sentencepiece")
-from sentencepiece import sentencepiece_model_pb2  # noqa: E402
 
 from llama2_sft.data import encode_dialog  # noqa: E402
+from tests.integration.test_gguf import llama_cpp  # noqa: E402,F401 (a fixture: skips without llama-cpp-python)
 from tests.unit.test_chat import meta_reference  # noqa: E402
 from tests.unit.test_vocab import (ENGLISH, MIXED, chinese_sentences, llama2_dir,  # noqa: E402,F401 (a fixture)
-                                   train_rows_with_chinese, vocab_config)
+                                   proto_of, train_rows_with_chinese, vocab_config)
 
 pytestmark = pytest.mark.slow
 
 BASE_SIZE, NORMAL, UNUSED, BYTE = 1024, 1, 5, 6
-INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=OFF" python -m pip install -c .ci/constraints.txt llama-cpp-python==0.3.36'
 DIALOGS = {
     "chinese": [{"role": "user", "content": "我们今天学习中文，好吗？"}, {"role": "assistant", "content": "好的，我们开始吧。"},
                 {"role": "user", "content": "北京和上海哪个城市更大？"}],
@@ -56,12 +55,6 @@ TEXTS = ["北京和上海都是中国的城市。", *chinese_sentences(6, seed=3
 SCRIPT = "我们学习中文，𝄞€ok朋友¿"
 
 
-def proto_of(path):
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(Path(path).read_bytes())
-    return proto
-
-
 # ---------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
@@ -69,16 +62,9 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def extended(work, tokenizer_dir) -> str:
-    """The bundled tokenizer extended with Chinese pieces (1,024 -> 1,280 with padding)."""
-    from llama2_sft.vocab import build_vocabulary
-
-    (work / "zh.txt").write_text("\n".join(chinese_sentences(2500, seed=0)) + "\n", encoding="utf-8")
-    (work / "chat.jsonl").write_text("\n".join(train_rows_with_chinese()) + "\n", encoding="utf-8")
-    out = work / "tokenizer_zh"
-    build_vocabulary(vocab_config(base=tokenizer_dir, corpus=[str(work / "zh.txt"), str(work / "chat.jsonl")],
-                                  out=str(out)))
-    return str(out)
+def extended(extended_vocab) -> str:
+    """The bundled tokenizer extended with Chinese pieces (1,024 -> 1,280 with padding; tests/conftest.py)."""
+    return str(extended_vocab["out"])
 
 
 @pytest.fixture(scope="module")
@@ -377,15 +363,6 @@ def gguf_files(grown_run, scripted, work) -> dict[str, str]:
             "scripted": export_gguf(scripted[0], str(work / "scripted-f16.gguf"), "f16")}
 
 
-@pytest.fixture(scope="module")
-def llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        pytest.skip(f"llama_cpp (llama-cpp-python) is not installed; CI installs it: {INSTALL}")
-    return llama_cpp
-
-
 def test_gguf_of_a_grown_model_holds_the_merged_vocabulary_with_its_scores_and_types(gguf_files, extended):
     import gguf
 
@@ -468,7 +445,7 @@ def test_f16_greedy_tokens_of_grown_models_equal_transformers(gguf_files, grown_
 
 # ---------------------------------------------------------------------------------------------------- real Llama-2
 @pytest.fixture(scope="module")
-def real_merged(llama2_dir, work, extended) -> Path:
+def real_merged(llama2_dir, work, chinese_corpus) -> Path:
     """The real 32k Llama-2 vocabulary (rebuilt by tests/assets/make_llama2_tokenizer.py) with the same Chinese pieces
     merged in, and a tiny random Llama of that vocabulary saved with it (the tokenizer is what is tested)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -476,8 +453,7 @@ def real_merged(llama2_dir, work, extended) -> Path:
     from llama2_sft.vocab import build_vocabulary
 
     out = work / "llama2_zh"
-    build_vocabulary(vocab_config(base=str(llama2_dir), corpus=[str(work / "zh.txt"), str(work / "chat.jsonl")],
-                                  out=str(out)))
+    build_vocabulary(vocab_config(base=str(llama2_dir), corpus=chinese_corpus, out=str(out)))
     tokenizer = AutoTokenizer.from_pretrained(out)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, **TINY_ARCH)

@@ -24,15 +24,9 @@ spm = pytest.importorskip("sentencepiece")
 from sentencepiece import sentencepiece_model_pb2  # noqa: E402
 
 from llama2_sft.grow import grow_model, vocab_plan  # noqa: E402
-from tests.unit.test_vocab import chinese_sentences, train_rows_with_chinese, vocab_config  # noqa: E402
+from tests.unit.test_vocab import proto_of, train_rows_with_chinese  # noqa: E402
 
 BYTE, UNUSED = 6, 5
-
-
-def proto_of(path):
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(Path(path).read_bytes())
-    return proto
 
 
 def write_proto(proto, folder: Path) -> str:
@@ -47,16 +41,9 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def extended(work, tokenizer_dir) -> str:
-    """The bundled tokenizer extended with Chinese pieces (1,024 -> 1,280 with padding)."""
-    from llama2_sft.vocab import build_vocabulary
-
-    (work / "zh.txt").write_text("\n".join(chinese_sentences(2500, seed=0)) + "\n", encoding="utf-8")
-    (work / "chat.jsonl").write_text("\n".join(train_rows_with_chinese()) + "\n", encoding="utf-8")
-    out = work / "tokenizer_zh"
-    build_vocabulary(vocab_config(base=tokenizer_dir, corpus=[str(work / "zh.txt"), str(work / "chat.jsonl")],
-                                  out=str(out)))
-    return str(out)
+def extended(extended_vocab) -> str:
+    """The bundled tokenizer extended with Chinese pieces (1,024 -> 1,280 with padding; tests/conftest.py)."""
+    return str(extended_vocab["out"])
 
 
 @pytest.fixture(scope="module")

@@ -78,20 +78,16 @@ def proto_of(path):
     return proto
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> list[str]:
-    """A generated text file plus a jsonl of the Chinese chat rows of data/train.jsonl."""
-    folder = tmp_path_factory.mktemp("corpus")
-    (folder / "zh.txt").write_text("\n".join(chinese_sentences(2500, seed=0)) + "\n", encoding="utf-8")
-    (folder / "chat.jsonl").write_text("\n".join(train_rows_with_chinese()) + "\n", encoding="utf-8")
-    return [str(folder / "zh.txt"), str(folder / "chat.jsonl")]
+@pytest.fixture
+def corpus(chinese_corpus) -> list[str]:
+    """A generated text file plus a jsonl of the Chinese chat rows of data/train.jsonl (tests/conftest.py)."""
+    return chinese_corpus
 
 
-@pytest.fixture(scope="module")
-def merged(tmp_path_factory, tokenizer_dir, corpus) -> dict:
-    out = tmp_path_factory.mktemp("merged")
-    report = build_vocabulary(vocab_config(base=tokenizer_dir, corpus=corpus, out=str(out)))
-    return {"out": out, "report": report, "model": out / "tokenizer.model"}
+@pytest.fixture
+def merged(extended_vocab) -> dict:
+    """The bundled tokenizer extended on `corpus` (tests/conftest.py, built once per session)."""
+    return extended_vocab
 
 
 # ---------------------------------------------------------------------------------------------------- the vocabulary
