@@ -181,6 +181,28 @@ def _load_files(files: list[str]):
         raise ValueError(f"could not load dataset files {files[:4]}: {error}") from error
 
 
+def load_saved(item: str, split: str):
+    """The `split` of a dataset saved with `save_to_disk` (a Dataset, or a DatasetDict holding that split)."""
+    import datasets
+
+    loaded = datasets.load_from_disk(item)
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise ValueError(f"{item}: saved dataset has no split {split!r} (has {list(loaded)})")
+        loaded = loaded[split]
+    return loaded
+
+
+def load_hub(item: str, split: str, revision: str | None):
+    """The `split` of hub dataset `item` (at `revision`); a failure names the id and the split."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(item, split=split, revision=revision)
+    except Exception as error:
+        raise ValueError(f"could not load dataset {item!r} (split {split!r}) from the hub: {error}") from error
+
+
 def load_rows(source: str | Sequence[str], split: str = "train", revision: str | None = None):
     """Load raw rows as a `datasets.Dataset` (Arrow, memory-mapped: bounded memory for 10M rows)."""
     import datasets
@@ -192,19 +214,11 @@ def load_rows(source: str | Sequence[str], split: str = "train", revision: str |
     for item in sources:
         item = os.path.expanduser(item)
         if _is_saved_dataset(item):
-            loaded = datasets.load_from_disk(item)
-            if isinstance(loaded, datasets.DatasetDict):
-                if split not in loaded:
-                    raise ValueError(f"{item}: saved dataset has no split {split!r} (has {list(loaded)})")
-                loaded = loaded[split]
-            parts.append(loaded)
+            parts.append(load_saved(item, split))
             continue
         files = _expand_local(item)
         if files is None:
-            try:
-                parts.append(datasets.load_dataset(item, split=split, revision=revision))
-            except Exception as error:
-                raise ValueError(f"could not load dataset {item!r} (split {split!r}) from the hub: {error}") from error
+            parts.append(load_hub(item, split, revision))
             continue
         if not files:
             raise ValueError(f"dataset source {item!r}: directory holds no {sorted(FILE_FORMATS)} files")

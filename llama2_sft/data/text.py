@@ -98,7 +98,7 @@ def load_documents(source: Any, text_field: str = "text", txt_rule: str = "blank
     """A `datasets.Dataset` with columns `id` (string or null) and `text` (the documents, not yet checked)."""
     import datasets
 
-    from llama2_sft.data.sources import _is_saved_dataset, _load_files
+    from llama2_sft.data.sources import _is_saved_dataset, _load_files, load_hub, load_saved
 
     items = [source] if isinstance(source, str) else [str(s) for s in source]
     if not items:
@@ -107,20 +107,11 @@ def load_documents(source: Any, text_field: str = "text", txt_rule: str = "blank
     for item in items:
         item = os.path.expanduser(str(item))
         if _is_saved_dataset(item):
-            loaded = datasets.load_from_disk(item)
-            if isinstance(loaded, datasets.DatasetDict):
-                if split not in loaded:
-                    raise ValueError(f"{item}: saved dataset has no split {split!r} (has {list(loaded)})")
-                loaded = loaded[split]
-            parts.append(_text_columns(loaded, text_field, item))
+            parts.append(_text_columns(load_saved(item, split), text_field, item))
             continue
         files = _expand(item)
         if files is None:
-            try:
-                loaded = datasets.load_dataset(item, split=split, revision=revision)
-            except Exception as error:
-                raise ValueError(f"could not load dataset {item!r} (split {split!r}) from the hub: {error}") from error
-            parts.append(_text_columns(loaded, text_field, item))
+            parts.append(_text_columns(load_hub(item, split, revision), text_field, item))
             continue
         if not files:
             raise ValueError(f"dataset source {item!r}: directory holds no {list(TEXT_FILE_FORMATS)} files")
