@@ -20,6 +20,20 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def llama2_tokenizer(choice: str) -> Path | None:
+    """The real Llama-2 tokenizer directory (rebuilt by tests/assets/make_llama2_tokenizer.py), or None for
+    `--tokenizer tiny` or when it cannot be built (then `--tokenizer real` stops instead)."""
+    if choice == "tiny":
+        return None
+    sys.path.insert(0, str(ROOT / "tests" / "assets"))
+    import make_llama2_tokenizer
+
+    built = make_llama2_tokenizer.build()
+    if built is None and choice == "real":
+        raise SystemExit("--tokenizer real: the Llama-2 tokenizer could not be built (npm registry unreachable?)")
+    return None if built is None else Path(built)
+
+
 def machine_info(*packages: str) -> dict:
     """CPU model, core count, GPU (if any), Python and platform, and the `__version__` of each named package."""
     model = platform.processor() or ""

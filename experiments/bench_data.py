@@ -37,7 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import HERE, ROOT, command_line, machine_info, median, rotated, write_results
+from bench_common import (HERE, ROOT, command_line, llama2_tokenizer, machine_info, median, rotated,
+                          write_results)
 
 IGNORE_INDEX = -100
 MODES = ("pad-to-longest (random)", "length-grouped", "packing")
@@ -45,15 +46,9 @@ MODES = ("pad-to-longest (random)", "length-grouped", "packing")
 
 def resolve_tokenizer(choice: str) -> tuple[str, str]:
     """(directory, description): the real Llama-2 tokenizer if it can be built, else the repo's tiny one."""
-    if choice != "tiny":
-        sys.path.insert(0, str(ROOT / "tests" / "assets"))
-        import make_llama2_tokenizer
-
-        built = make_llama2_tokenizer.build()
-        if built is not None:
-            return str(built), "Llama-2 SentencePiece, 32,000 pieces"
-        if choice == "real":
-            raise SystemExit("--tokenizer real: the Llama-2 tokenizer could not be built (npm registry unreachable?)")
+    real = llama2_tokenizer(choice)
+    if real is not None:
+        return str(real), "Llama-2 SentencePiece, 32,000 pieces"
     return str(ROOT / "data" / "tokenizer"), "repo tokenizer, 1,024 pieces (token counts not realistic)"
 
 

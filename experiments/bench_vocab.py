@@ -59,8 +59,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench_common import (HERE, ROOT, child_env, command_line, fmt, machine_info, median, rotated, step_records,
-                          write_results)
+from bench_common import (HERE, ROOT, child_env, command_line, fmt, llama2_tokenizer, machine_info, median, rotated,
+                          step_records, write_results)
 
 SHAPES = {  # LlamaConfig fields of the random-init base; the vocabulary is the base tokenizer's
     "tiny": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
@@ -81,15 +81,9 @@ LATIN_WORD = re.compile("[A-Za-z]+")
 # --- 1. the extension -------------------------------------------------------------------------------------------------
 def resolve_tokenizer(choice: str) -> tuple[Path, str]:
     """(directory, description): the real Llama-2 tokenizer if it can be built, else the repo's tiny one."""
-    if choice != "tiny":
-        sys.path.insert(0, str(ROOT / "tests" / "assets"))
-        import make_llama2_tokenizer
-
-        built = make_llama2_tokenizer.build()
-        if built is not None:
-            return Path(built), "Llama-2 32k"
-        if choice == "real":
-            raise SystemExit("--tokenizer real: the Llama-2 tokenizer could not be built (npm registry unreachable?)")
+    real = llama2_tokenizer(choice)
+    if real is not None:
+        return real, "Llama-2 32k"
     return ROOT / "data" / "tokenizer", "bundled 1,024"
 
 
