@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import logging
 import os
 from dataclasses import dataclass, field
 from enum import Enum
@@ -63,6 +64,11 @@ class CrossEntropy(Choice):
 class CheckpointPolicy(Choice):
     full = "full"  # recompute whole decoder layers
     selective = "selective"  # keep matmul and attention outputs, recompute the cheap ops
+
+
+class CompileScope(Choice):
+    layers = "layers"  # each decoder layer on its own (works under FSDP2 / ZeRO-3 sharding hooks)
+    decoder = "decoder"  # the whole decoder stack as one graph, training forward only (single / DDP): fuses more
 
 
 class AttnImplementation(Choice):
@@ -138,8 +144,10 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     checkpoint_policy: CheckpointPolicy = CheckpointPolicy.full
     checkpoint_every_n_layers: int = 1  # checkpoint every n-th decoder layer (1 = all)
-    compile: bool = False  # torch.compile each decoder layer
+    compile: bool = False  # torch.compile the training forward (scope: compile_scope)
+    compile_scope: CompileScope = CompileScope.layers
     compile_backend: str = "inductor"
+    compile_fallback: bool = False  # no C++ compiler for inductor on CPU: run eager with a warning instead of failing
     arch: Optional[dict] = None  # LlamaConfig fields for a random init (tiny presets); vocab from the tokenizer
 
 
@@ -278,6 +286,12 @@ def validate(cfg: DictConfig) -> None:
                 "trainer.ce_chunk_size", "model.checkpoint_every_n_layers"):
         if OmegaConf.select(cfg, key) < 1:
             raise ValueError(f"{key}={OmegaConf.select(cfg, key)} must be >= 1")
+    if cfg.model.compile and cfg.model.compile_scope == "decoder":
+        target = str(cfg.strategy._target_)
+        if "FSDP" in target or "DeepSpeed" in target:
+            raise ValueError(f"model.compile_scope=decoder with strategy._target_={target}: one graph over the whole "
+                             "decoder is for single-device and DDP runs; sharded layers compile with "
+                             "model.compile_scope=layers")
     if cfg.dataset.sources:
         from llama2_sft.data.mixing import mix_entries
 
@@ -347,8 +361,13 @@ def preflight(cfg: DictConfig, device: Any) -> None:
         import shutil
 
         if not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
-            raise ValueError("model.compile=true with the inductor backend on CPU needs a C++ compiler (none on PATH): "
-                             "install one, set model.compile_backend=aot_eager, or model.compile=false")
+            if not cfg.model.compile_fallback:
+                raise ValueError("model.compile=true with the inductor backend on CPU needs a C++ compiler (none on PATH): "
+                                 "install one, set model.compile_backend=aot_eager, or model.compile=false")
+            logging.getLogger(__name__).warning(
+                "model.compile=true but no C++ compiler is on PATH (inductor on CPU needs one): training eagerly, "
+                "which is slower (model.compile_fallback=true); install g++ or clang++ to compile")
+            cfg.model.compile = False
     if cfg.model.name_or_path:
         from transformers import AutoConfig
 

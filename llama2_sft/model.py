@@ -66,7 +66,7 @@ def model_config(model_cfg: Any, tokenizer: Any, dtype: torch.dtype):
         config = LlamaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, **arch)
     config.use_cache = False  # training: packed sequences are only isolated with the KV cache off
-    config._attn_implementation = model_cfg.attn_implementation
+    config._attn_implementation = str(model_cfg.attn_implementation)
     config.dtype = dtype
     return config
 
@@ -94,7 +94,7 @@ def build_model(model_cfg: Any, tokenizer: Any, precision: str, device: torch.de
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 path, config=config, dtype=dtype, revision=model_cfg.revision,
-                attn_implementation=model_cfg.attn_implementation, **kwargs,
+                attn_implementation=str(model_cfg.attn_implementation), **kwargs,
             )
         except Exception as error:
             raise ValueError(f"model.name_or_path: cannot load {model_cfg.name_or_path!r}: {error}") from error
@@ -124,7 +124,7 @@ def _load_trained_run(path: str, model_cfg: Any, config: Any, dtype: torch.dtype
                          "is a run of this repo: export it first (python -m llama2_sft.export ckpt=RUN format=hf "
                          "out=DIR dtype=bf16) and pass model.name_or_path=DIR")
     model = load_model(path, device="cpu", dtype="fp32").model.to(dtype)
-    model.set_attn_implementation(model_cfg.attn_implementation)
+    model.set_attn_implementation(str(model_cfg.attn_implementation))
     model.config.dtype = dtype
     return model
 
@@ -144,7 +144,7 @@ def build_meta_model(model_cfg: Any, tokenizer: Any, precision: str, peft_cfg: A
     if plan is not None and plan.grows:  # the shape rank 0's grown model has (build_model)
         config.vocab_size = plan.size
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=str(model_cfg.attn_implementation))
         if adapters:
             apply_adapters(model, peft_cfg, DTYPES[precision])
     model.config.use_cache = False
@@ -220,6 +220,24 @@ def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor") ->
         layer.compile(backend=backend)
 
 
+def compile_decoder_for_training(model: torch.nn.Module, backend: str = "inductor") -> None:
+    """`torch.compile` the whole decoder stack (embeddings, every layer, the final norm) as one graph, so the
+    elementwise work between the matmuls (norms, rotary, SiLU, residual adds) fuses across layers too. Only the
+    training forward (module in train mode, gradients on) takes the compiled graph; evaluation and generation, whose
+    shapes change with every prompt and KV-cache length, stay eager. Single device and DDP: FSDP2 / ZeRO-3 wrap the
+    layers in sharding hooks, compile them with compile_scope=layers."""
+    decoder = model.get_decoder()
+    eager = decoder.forward
+    compiled = torch.compile(eager, backend=backend)
+
+    def forward(*args, **kwargs):
+        if decoder.training and torch.is_grad_enabled():
+            return compiled(*args, **kwargs)
+        return eager(*args, **kwargs)
+
+    decoder.forward = forward
+
+
 def prepare_for_training(model: torch.nn.Module, model_cfg: Any, trainer_cfg: Any) -> torch.nn.Module:
     """The training-time transforms, in the order that composes (before any strategy wraps the model):
     fused LM head + cross-entropy, activation checkpointing, torch.compile of the decoder layers."""
@@ -227,6 +245,8 @@ def prepare_for_training(model: torch.nn.Module, model_cfg: Any, trainer_cfg: An
         install_fused_head(model, trainer_cfg.ce_chunk_size)
     if model_cfg.gradient_checkpointing:
         enable_activation_checkpointing(model, model_cfg.checkpoint_policy, model_cfg.checkpoint_every_n_layers)
-    if model_cfg.compile:
+    if model_cfg.compile and model_cfg.compile_scope == "decoder":
+        compile_decoder_for_training(model, model_cfg.compile_backend)
+    elif model_cfg.compile:
         compile_decoder_layers(model, model_cfg.compile_backend)
     return model

@@ -236,8 +236,30 @@ def test_fast_paths_the_device_cannot_run_fail_before_any_heavy_work(monkeypatch
         preflight(compose(["model.attn_implementation=flash_attention_2"]), torch.device("cpu"))
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(ValueError, match=r"model\.compile=true .* needs a C\+\+ compiler"):
-        preflight(compose(["model.compile=true"]), torch.device("cpu"))
+        preflight(compose(["model.compile=true", "model.compile_fallback=false"]), torch.device("cpu"))
     preflight(compose(["model.compile=true", "model.compile_backend=aot_eager"]), torch.device("cpu"))
+
+
+def test_without_a_compiler_compile_fallback_trains_eagerly_and_says_so(monkeypatch, caplog):
+    import shutil
+
+    import torch
+
+    from llama2_sft.config import preflight
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    cfg = compose(["model.compile=true", "model.compile_fallback=true"])
+    with caplog.at_level("WARNING"):
+        preflight(cfg, torch.device("cpu"))
+    assert cfg.model.compile is False
+    assert "no C++ compiler" in caplog.text and "install g++" in caplog.text
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_zero3"])
+def test_compiling_the_whole_decoder_under_sharding_fails_naming_the_key(strategy):
+    with pytest.raises(ValueError, match=r"model\.compile_scope=decoder .*model\.compile_scope=layers"):
+        validate(compose([f"strategy={strategy}", "model.compile=true", "model.compile_scope=decoder"]))
+    validate(compose([f"strategy={strategy}", "model.compile=true", "model.compile_scope=layers"]))
 
 
 def test_a_missing_model_path_is_named(tmp_path):

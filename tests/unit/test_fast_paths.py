@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from llama2_sft.data.chat import IGNORE_INDEX
 from llama2_sft.loss import FusedLMHead, _LinearCrossEntropy, batch_loss_sum, install_fused_head, linear_cross_entropy, summed_cross_entropy
-from llama2_sft.model import compile_decoder_layers, enable_activation_checkpointing
+from llama2_sft.model import compile_decoder_for_training, compile_decoder_layers, enable_activation_checkpointing
 from llama2_sft.optim import build_adamw
 
 
@@ -218,6 +218,40 @@ def test_compiled_decoder_layers_give_the_same_loss_and_gradients(tiny_model):
     assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
     assert_same(plain, first, rtol=1e-4, atol=1e-6)
     assert_same(first, second, rtol=0, atol=0)
+
+
+def test_compiled_decoder_gives_the_same_loss_and_gradients_and_leaves_inference_eager(tiny_model):
+    """compile_scope=decoder: the whole decoder stack as one inductor graph for the training forward (packed rows,
+    fused head) == eager; evaluation (no_grad) and generation never enter the compiled graph."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    batch = packed_batch(tiny_model.config.vocab_size)
+    plain = loss_and_grads(tiny_model, batch, fused=False)
+    model = install_fused_head(copy.deepcopy(tiny_model), chunk_size=32)
+    compile_decoder_for_training(model, "inductor")
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        first = loss_and_grads(model, batch, fused=True)
+        frames = counters["stats"]["unique_graphs"]
+        assert frames >= 1  # the training forward was compiled
+        second = loss_and_grads(model, batch, fused=True)  # the cached graph
+        with torch.no_grad():
+            eval_loss = batch_loss_sum(model, batch, True)
+        model.eval()
+        prompt = batch["input_ids"][:1, :7]
+        with torch.no_grad():
+            generated = model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=True)
+            expected = tiny_model.eval().generate(prompt, max_new_tokens=5, do_sample=False, use_cache=True)
+        assert counters["stats"]["unique_graphs"] == frames  # nothing new compiled for eval or generation
+    finally:
+        torch._dynamo.reset()
+        tiny_model.train()
+    assert_same(plain, first, rtol=1e-4, atol=1e-6)
+    assert_same(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(eval_loss, first[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(generated, expected)
 
 
 def test_fused_and_foreach_adamw_take_the_same_steps(tiny_model):
