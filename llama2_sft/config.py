@@ -147,7 +147,8 @@ class ModelConfig:
     compile: bool = False  # torch.compile the training forward (scope: compile_scope)
     compile_scope: CompileScope = CompileScope.layers
     compile_backend: str = "inductor"
-    compile_fallback: bool = False  # no C++ compiler for inductor on CPU: run eager with a warning instead of failing
+    compile_fallback: bool = False  # true: where compile cannot run (no C++ compiler for inductor on CPU; scope=decoder
+    # under FSDP2 / ZeRO-3 or peft) train eagerly with a warning instead of failing
     arch: Optional[dict] = None  # LlamaConfig fields for a random init (tiny presets); vocab from the tokenizer
 
 
@@ -288,10 +289,18 @@ def validate(cfg: DictConfig) -> None:
             raise ValueError(f"{key}={OmegaConf.select(cfg, key)} must be >= 1")
     if cfg.model.compile and cfg.model.compile_scope == "decoder":
         target = str(cfg.strategy._target_)
+        unsupported = None
         if "FSDP" in target or "DeepSpeed" in target:
-            raise ValueError(f"model.compile_scope=decoder with strategy._target_={target}: one graph over the whole "
-                             "decoder is for single-device and DDP runs; sharded layers compile with "
-                             "model.compile_scope=layers")
+            unsupported = (f"with strategy._target_={target}: one graph over the whole decoder is for single-device "
+                           "and DDP runs; sharded layers compile with model.compile_scope=layers")
+        elif cfg.peft.method != "none":
+            unsupported = f"with peft={cfg.peft.method}: adapter runs compile with model.compile_scope=layers"
+        if unsupported and not cfg.model.compile_fallback:
+            raise ValueError(f"model.compile_scope=decoder {unsupported}")
+        if unsupported:  # the tiny preset's compile-where-possible: say so, train eagerly (same math)
+            logging.getLogger(__name__).warning("model.compile_scope=decoder %s; training eagerly "
+                                                "(model.compile_fallback=true)", unsupported)
+            cfg.model.compile = False
     if cfg.dataset.sources:
         from llama2_sft.data.mixing import mix_entries
 

@@ -255,11 +255,22 @@ def test_without_a_compiler_compile_fallback_trains_eagerly_and_says_so(monkeypa
     assert "no C++ compiler" in caplog.text and "install g++" in caplog.text
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_zero3"])
-def test_compiling_the_whole_decoder_under_sharding_fails_naming_the_key(strategy):
+@pytest.mark.parametrize("overrides", [["strategy=fsdp"], ["strategy=deepspeed_zero3"], ["peft=lora"]])
+def test_compiling_the_whole_decoder_where_it_cannot_run_fails_naming_the_key_or_falls_back(overrides, caplog):
+    scope = ["model.compile=true", "model.compile_scope=decoder"]
     with pytest.raises(ValueError, match=r"model\.compile_scope=decoder .*model\.compile_scope=layers"):
-        validate(compose([f"strategy={strategy}", "model.compile=true", "model.compile_scope=decoder"]))
-    validate(compose([f"strategy={strategy}", "model.compile=true", "model.compile_scope=layers"]))
+        validate(compose([*overrides, *scope, "model.compile_fallback=false"]))
+    validate(compose([*overrides, "model.compile=true", "model.compile_scope=layers", "model.compile_fallback=false"]))
+    cfg = compose([*overrides, *scope, "model.compile_fallback=true"])  # the tiny preset: compile where possible
+    with caplog.at_level("WARNING"):
+        validate(cfg)
+    assert cfg.model.compile is False and "training eagerly" in caplog.text
+
+
+def test_the_embedded_default_compiles_its_decoder():
+    cfg = compose()
+    validate(cfg)
+    assert cfg.model.compile and cfg.model.compile_scope == "decoder" and cfg.model.compile_fallback
 
 
 def test_a_missing_model_path_is_named(tmp_path):
