@@ -16,6 +16,12 @@ CONF_DIR = os.path.join(REPO, "conf")
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+# The tiny preset compiles its decoder (conf/model/tiny.yaml), and inductor takes 10-30 s on 2 cores for every new
+# shape; the tests train dozens of small runs and test math, not speed, so torch.compile is a no-op in them and in
+# the train.py processes they start. The tests of compile itself switch it back on (`compile_enabled`, and
+# TORCH_COMPILE_DISABLE=0 in the environment of the runs that compare compiled with eager).
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+
 TINY_ARCH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
 
@@ -105,3 +111,12 @@ def compose(overrides=()):
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
         return hydra_compose(config_name="train", overrides=list(overrides))
+
+
+@pytest.fixture
+def compile_enabled(monkeypatch):
+    """torch.compile really compiles in this test (the suite turns it off, see the top of this file)."""
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "disable", False)
+    monkeypatch.setenv("TORCH_COMPILE_DISABLE", "0")

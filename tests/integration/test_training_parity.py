@@ -37,7 +37,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_train(workdir, tiny_checkpoint, name, overrides=(), nproc=1, rows="rows.jsonl", check=True, wandb_mode="disabled"):
+def run_train(workdir, tiny_checkpoint, name, overrides=(), nproc=1, rows="rows.jsonl", check=True, wandb_mode="disabled",
+              compile=False):
     """Run train.py; returns (output_dir, completed process)."""
     output_dir = workdir / name
     args = [
@@ -53,7 +54,8 @@ def run_train(workdir, tiny_checkpoint, name, overrides=(), nproc=1, rows="rows.
                    f"--master_port={free_port()}", "train.py", *args]
     else:
         command = [sys.executable, "train.py", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE=wandb_mode)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE=wandb_mode,
+               TORCH_COMPILE_DISABLE="0" if compile else "1")  # the suite runs eagerly (tests/conftest.py)
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if check and done.returncode != 0:
         raise AssertionError(f"train.py failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
@@ -104,7 +106,8 @@ def test_every_fast_path_switched_on_or_off_gives_the_same_losses(workdir, tiny_
                                                              "trainer.cross_entropy=logits", "optimizer.fused=false"])
     on, _ = run_train(workdir, tiny_checkpoint, "all-on", [*strategy_args("single", 1), "trainer.save_steps=0",
                                                            "model.gradient_checkpointing=true", "model.checkpoint_policy=selective",
-                                                           "model.compile=true", "trainer.ce_chunk_size=100"])
+                                                           "model.compile=true", "model.compile_scope=layers",
+                                                           "trainer.ce_chunk_size=100"], compile=True)
     reference = losses(straight_runs["single"])
     assert_same_losses(reference, losses(off))
     assert_same_losses(reference, losses(on))

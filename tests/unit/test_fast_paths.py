@@ -200,7 +200,7 @@ def test_unknown_checkpoint_policy_names_the_key(tiny_model):
         enable_activation_checkpointing(copy.deepcopy(tiny_model), "some")
 
 
-def test_compiled_decoder_layers_give_the_same_loss_and_gradients(tiny_model):
+def test_compiled_decoder_layers_give_the_same_loss_and_gradients(tiny_model, compile_enabled):
     """torch.compile (inductor, CPU C++ codegen) of each decoder layer, with the fused head and checkpointing on."""
     import torch._dynamo
 
@@ -220,7 +220,7 @@ def test_compiled_decoder_layers_give_the_same_loss_and_gradients(tiny_model):
     assert_same(first, second, rtol=0, atol=0)
 
 
-def test_compiled_decoder_gives_the_same_loss_and_gradients_and_leaves_inference_eager(tiny_model):
+def test_compiled_decoder_gives_the_same_loss_and_gradients_and_leaves_inference_eager(tiny_model, compile_enabled):
     """compile_scope=decoder: the whole decoder stack as one inductor graph for the training forward (packed rows,
     fused head) == eager; evaluation (no_grad) and generation never enter the compiled graph."""
     import torch._dynamo
