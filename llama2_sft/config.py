@@ -18,6 +18,8 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+log = logging.getLogger(__name__)
+
 
 class Choice(str, Enum):
     """An enumerated setting. Members are strings equal to their value (and to their name, which is what
@@ -280,6 +282,15 @@ def bind_target(node: DictConfig | dict, key: str, skip: tuple[str, ...] = ()) -
         raise ValueError(f"{key}: missing required keys {missing} for {block['_target_']}")
 
 
+def _cannot_compile(cfg: DictConfig, problem: str) -> None:
+    """Compiling as configured cannot run: fail naming the key, or (model.compile_fallback=true, the tiny preset's
+    compile-where-possible) say so and train eagerly: the same math, slower."""
+    if not cfg.model.compile_fallback:
+        raise ValueError(problem)
+    log.warning("%s; training eagerly (model.compile_fallback=true)", problem)
+    cfg.model.compile = False
+
+
 def validate(cfg: DictConfig) -> None:
     """Fail before any heavy work, naming the key: positive sizes, ranges, `_target_` signatures (the schema has
     already checked names, types and enumerations at compose time)."""
@@ -295,12 +306,8 @@ def validate(cfg: DictConfig) -> None:
                            "and DDP runs; sharded layers compile with model.compile_scope=layers")
         elif cfg.peft.method != "none":
             unsupported = f"with peft={cfg.peft.method}: adapter runs compile with model.compile_scope=layers"
-        if unsupported and not cfg.model.compile_fallback:
-            raise ValueError(f"model.compile_scope=decoder {unsupported}")
-        if unsupported:  # the tiny preset's compile-where-possible: say so, train eagerly (same math)
-            logging.getLogger(__name__).warning("model.compile_scope=decoder %s; training eagerly "
-                                                "(model.compile_fallback=true)", unsupported)
-            cfg.model.compile = False
+        if unsupported:
+            _cannot_compile(cfg, f"model.compile_scope=decoder {unsupported}")
     if cfg.dataset.sources:
         from llama2_sft.data.mixing import mix_entries
 
@@ -370,13 +377,9 @@ def preflight(cfg: DictConfig, device: Any) -> None:
         import shutil
 
         if not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
-            if not cfg.model.compile_fallback:
-                raise ValueError("model.compile=true with the inductor backend on CPU needs a C++ compiler (none on PATH): "
-                                 "install one, set model.compile_backend=aot_eager, or model.compile=false")
-            logging.getLogger(__name__).warning(
-                "model.compile=true but no C++ compiler is on PATH (inductor on CPU needs one): training eagerly, "
-                "which is slower (model.compile_fallback=true); install g++ or clang++ to compile")
-            cfg.model.compile = False
+            _cannot_compile(cfg, "model.compile=true with the inductor backend on CPU needs a C++ compiler, and there is "
+                                 "no C++ compiler on PATH: install g++ or clang++, set model.compile_backend=aot_eager, "
+                                 "or model.compile=false")
     if cfg.model.name_or_path:
         from transformers import AutoConfig
 
